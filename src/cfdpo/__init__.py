@@ -1,0 +1,8 @@
+"""cfdpo: Counterfactual DPO (Butcher 2024, arXiv 2401.09566) for aligning language models."""
+
+__version__ = "0.1.0"
+
+from cfdpo.errors import CfdpoError  # noqa: E402
+from cfdpo.spec import Recipe, load_recipe  # noqa: E402
+
+__all__ = ["CfdpoError", "Recipe", "load_recipe", "__version__"]

@@ -1,0 +1,193 @@
+"""Evaluation on held-out prompts: behaviour score, answer length and capability retention.
+
+Models: `base`, `prompted` (the base model given the treatment instruction; for a negative-only
+behaviour, the base model with the negative instruction removed) and every trained adapter found
+under `adapters/`. Each answers the held-out prompts under the control prompt and, where the
+behaviour has one, under the negative prompt. `nll_ratio` is the mean per-token NLL of the base
+model's held-out control answers under a model divided by the base model's own.
+
+Answers are cached in `eval/answers.jsonl` (same keys and resume rules as generation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+from cfdpo import counterfactual
+from cfdpo.generate import GenParams, plan_rows, resolve_dtype, run_generation
+from cfdpo.runio import JsonlLog, write_json
+from cfdpo.scorers import make_scorer
+from cfdpo.scorers.base import words
+from cfdpo.spec import Behaviour, Recipe
+
+ADAPTER_ORDER = ("sft", "enc", "dis", "contrastive", "negation")
+
+
+def prompted_messages(prompt: str, condition: str, b: Behaviour) -> list[dict]:
+    """The 'teacher': the instruction given at inference time."""
+    if b.treatment is None:  # negative-only behaviour: the ideal is the prompt without the bad instruction
+        return counterfactual.messages(prompt, "control", b)
+    if condition == "control":
+        return counterfactual.messages(prompt, "treatment", b)
+    msgs = counterfactual.messages(prompt, "negative", b)
+    if b.placement == "system":
+        msgs[0] = {"role": "system", "content": f"{b.treatment}\n\n{msgs[0]['content']}"}
+    else:
+        msgs[-1] = {"role": "user", "content": f"{b.treatment}\n\n{msgs[-1]['content']}"}
+    return msgs
+
+
+def find_adapters(run_dir: Path, names: list[str] | None = None) -> dict[str, Path]:
+    root = run_dir / "adapters"
+    found = {}
+    for name in names or ADAPTER_ORDER:
+        d = root / name
+        if (d / "adapter_config.json").is_file():
+            found[name] = d
+    return found
+
+
+def adapter_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(path.glob("adapter_*")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def summarise(answers: list[str], scores: list[float]) -> dict:
+    n = len(answers)
+    return {
+        "score": sum(scores) / n if n else None,
+        "mean_words": sum(len(words(a)) for a in answers) / n if n else None,
+        "n": n,
+    }
+
+
+def mean_nll(model, tokenizer, conversations: list[list[dict]], answers: list[str], batch_size: int = 8) -> float:
+    """Token-weighted mean NLL of `answers` given `conversations` under `model`."""
+    import torch
+
+    device = next(model.parameters()).device
+    items = []
+    for conv, ans in zip(conversations, answers):
+        prompt_ids = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=False)
+        full_ids = tokenizer.apply_chat_template(
+            conv + [{"role": "assistant", "content": ans}], tokenize=True, return_dict=False
+        )
+        prompt_ids = prompt_ids["input_ids"] if isinstance(prompt_ids, dict) else list(prompt_ids)
+        full_ids = full_ids["input_ids"] if isinstance(full_ids, dict) else list(full_ids)
+        if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) <= len(prompt_ids):
+            continue
+        items.append((full_ids, len(prompt_ids)))
+    total, count = 0.0, 0
+    pad = tokenizer.pad_token_id or 0
+    items.sort(key=lambda x: len(x[0]))
+    for b in range(0, len(items), batch_size):
+        batch = items[b : b + batch_size]
+        width = max(len(x[0]) for x in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        for r, (full, plen) in enumerate(batch):
+            ids[r, : len(full)] = torch.tensor(full)
+            mask[r, : len(full)] = 1
+            labels[r, plen : len(full)] = torch.tensor(full[plen:])
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        tgt = labels[:, 1:].to(device)
+        valid = tgt != -100
+        picked = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        total += float(-(picked * valid).sum())
+        count += int(valid.sum())
+    return total / count if count else math.nan
+
+
+def evaluate_run(run_dir: str | Path, recipe: Recipe, model_path: str, eval_prompts: list[dict]) -> dict:
+    from cfdpo.models import load_model, load_tokenizer, model_id
+
+    run = Path(run_dir)
+    b = recipe.behaviour
+    ev = recipe.evaluation
+    scorer = make_scorer(b.scorer.name, b.scorer.params)
+    conditions = ["control"] + (["negative"] if b.negative else [])
+    params = GenParams(ev.max_new_tokens, ev.temperature, ev.top_p)
+    seed = recipe.generation.seed
+    adapters = find_adapters(run)
+    base_id = model_id(model_path)
+    dtype = resolve_dtype(recipe.generation.dtype)
+
+    state: dict = {}
+
+    def loaded():
+        if "model" not in state:
+            tok = load_tokenizer(model_path, recipe.trust_remote_code)
+            tok.padding_side = "left"
+            model = load_model(model_path, dtype, recipe.trust_remote_code)
+            if adapters:
+                from peft import PeftModel
+
+                names = list(adapters)
+                model = PeftModel.from_pretrained(model, str(adapters[names[0]]), adapter_name=names[0])
+                for n in names[1:]:
+                    model.load_adapter(str(adapters[n]), adapter_name=n)
+                model.eval()
+            state.update(model=model, tok=tok)
+        return state["model"], state["tok"]
+
+    def use(label: str):
+        model, tok = loaded()
+        if adapters:
+            if label in adapters:
+                model.base_model.enable_adapter_layers()
+                model.set_adapter(label)
+            else:
+                model.base_model.disable_adapter_layers()
+        return model, tok
+
+    log = JsonlLog(run / "eval" / "answers.jsonl")
+    labels = ["base", "prompted", *adapters]
+    tags = {label: adapter_hash(adapters[label]) if label in adapters else "-" for label in labels}
+    rows_by: dict[tuple[str, str], list[dict]] = {}
+    for label in labels:
+        for cond in conditions:
+            mid = f"{base_id}|{label}|{tags[label]}"
+            rows = plan_rows(eval_prompts, [cond], b, 1, mid, params, seed, extra={"model_label": label, "condition": cond})
+            if label == "prompted":
+                for r in rows:
+                    r["messages"] = prompted_messages(r["prompt"], cond, b)
+                    r["key"] = r["key"] + "p"
+            run_generation(rows, log, lambda label=label: use(label), batch_size=ev.batch_size, seed=seed,
+                           label=f"eval {label}/{cond}")
+            rows_by[(label, cond)] = rows
+    done = {r["key"]: r for r in log.rows}
+
+    base_ctrl = [done[r["key"]] for r in rows_by[("base", "control")]]
+    base_answers = [r["answer"] for r in base_ctrl]
+    models: dict[str, dict] = {}
+    nll_base = None
+    for label in labels:
+        entry: dict = {}
+        for cond in conditions:
+            answers = [done[r["key"]]["answer"] for r in rows_by[(label, cond)]]
+            entry[cond] = summarise(answers, scorer.score_many(answers))
+        convs = [r["messages"] for r in rows_by[(label, "control")]]
+        model, tok = use(label)
+        nll = mean_nll(model, tok, convs, base_answers, batch_size=ev.batch_size)
+        if label == "base":
+            nll_base = nll
+        entry["nll"] = nll
+        models[label] = entry
+    for entry in models.values():
+        entry["nll_ratio"] = entry["nll"] / nll_base if nll_base else None
+    metrics = {
+        "behaviour": {"name": b.name, "scorer": b.scorer.name, "desired": b.scorer.desired, "unit": scorer.unit},
+        "conditions": conditions,
+        "n_eval_prompts": len(eval_prompts),
+        "eval_prompt_ids": [p["id"] for p in eval_prompts],
+        "models": models,
+    }
+    write_json(run / "metrics.json", metrics)
+    return metrics

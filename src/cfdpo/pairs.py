@@ -1,0 +1,138 @@
+"""Counterfactual preference pairs: the heart of the method.
+
+| variant     | prompt given to DPO | chosen            | rejected          |
+|-------------|---------------------|-------------------|-------------------|
+| enc         | control  x_c        | treatment y_t     | control   y_c     |
+| dis         | control  x_c        | control   y_c     | negative  y_n     |
+| contrastive | control  x_c        | treatment y_t     | negative  y_n     |
+| negation    | negative x_n        | control   y_c     | negative  y_n     |
+
+`build_pairs` is pure (rows in, pairs out); `write_pairs` saves a `datasets` dataset in TRL's
+conversational preference format plus `stats.json`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from cfdpo.errors import CfdpoError
+from cfdpo.runio import write_json
+from cfdpo.scorers import Scorer
+from cfdpo.scorers.base import words
+
+# variant -> (condition whose messages form the prompt, chosen condition, rejected condition)
+MAPPING: dict[str, tuple[str, str, str]] = {
+    "enc": ("control", "treatment", "control"),
+    "dis": ("control", "control", "negative"),
+    "contrastive": ("control", "treatment", "negative"),
+    "negation": ("negative", "control", "negative"),
+}
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def build_pairs(
+    rows: list[dict], variant: str, scorer: Scorer | None = None, desired: str = "lower",
+    filter_pairs: bool = False, best_of_k: bool = False,
+) -> list[dict]:
+    """Pairs for one variant from answer rows (`prompt_id`, `variant`, `sample`, `messages`, `answer`).
+
+    Sample i of the chosen condition is paired with sample i of the rejected condition.
+    `filter_pairs` drops pairs whose chosen answer does not beat the rejected one on the scorer
+    in the desired direction; `best_of_k` pairs, per prompt, the best-scoring chosen sample with
+    the worst-scoring rejected sample (the largest scorer gap).
+    """
+    if variant not in MAPPING:
+        raise CfdpoError(f"unknown variant '{variant}'; expected one of: {', '.join(MAPPING)}")
+    if (filter_pairs or best_of_k) and scorer is None:
+        raise ValueError("filtering and best-of-k need a scorer")
+    prompt_cond, chosen_cond, rejected_cond = MAPPING[variant]
+    by_prompt: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    order: list[str] = []
+    for r in rows:
+        if r["prompt_id"] not in by_prompt:
+            order.append(r["prompt_id"])
+        by_prompt[r["prompt_id"]][r["variant"]][r["sample"]] = r
+    sign = -1.0 if desired == "lower" else 1.0  # larger signed score = more desired
+    value = (lambda r: sign * scorer.score_one(r["answer"])) if scorer else None
+    pairs: list[dict] = []
+    for pid in order:
+        conds = by_prompt[pid]
+        if not (conds.get(prompt_cond) and conds.get(chosen_cond) and conds.get(rejected_cond)):
+            continue
+        samples = sorted(set(conds[chosen_cond]) & set(conds[rejected_cond]) & set(conds[prompt_cond]))
+        if best_of_k and samples:
+            best = max((conds[chosen_cond][s] for s in samples), key=value)
+            worst = min((conds[rejected_cond][s] for s in samples), key=value)
+            candidates = [(samples[0], best, worst)]
+        else:
+            candidates = [(s, conds[chosen_cond][s], conds[rejected_cond][s]) for s in samples]
+        for s, ch, rj in candidates:
+            if ch["answer"].strip() == rj["answer"].strip():
+                continue  # identical answers carry no preference
+            if filter_pairs and not value(ch) > value(rj):
+                continue
+            pairs.append({
+                "prompt": conds[prompt_cond][s]["messages"], "chosen": _assistant(ch["answer"]),
+                "rejected": _assistant(rj["answer"]), "prompt_id": pid, "sample": s,
+                "chosen_key": ch["key"], "rejected_key": rj["key"],
+            })
+    return pairs
+
+
+def pair_stats(pairs: list[dict], scorer: Scorer | None = None, candidates: int | None = None) -> dict:
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else None
+
+    chosen = [p["chosen"][0]["content"] for p in pairs]
+    rejected = [p["rejected"][0]["content"] for p in pairs]
+    stats = {
+        "count": len(pairs),
+        "candidates": candidates if candidates is not None else len(pairs),
+        "mean_words_chosen": mean([len(words(t)) for t in chosen]),
+        "mean_words_rejected": mean([len(words(t)) for t in rejected]),
+    }
+    if scorer is not None:
+        stats["scorer"] = scorer.name
+        stats["score_chosen"] = mean(scorer.score_many(chosen))
+        stats["score_rejected"] = mean(scorer.score_many(rejected))
+    return stats
+
+
+def write_pairs(pairs: list[dict], out_dir: str | Path, stats: dict) -> Path:
+    """Save as a `datasets` dataset (load_from_disk) + stats.json; written aside, then renamed."""
+    from datasets import Dataset
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        columns = ["prompt", "chosen", "rejected", "prompt_id", "sample", "chosen_key", "rejected_key"]
+        ds = Dataset.from_dict({c: [p[c] for p in pairs] for c in columns}) if pairs else Dataset.from_dict(
+            {c: [] for c in columns}
+        )
+        ds.save_to_disk(str(tmp / "data"))
+        write_json(tmp / "data" / "stats.json", stats)
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        (tmp / "data").rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_pairs(pairs_dir: str | Path):
+    from datasets import load_from_disk
+
+    p = Path(pairs_dir)
+    if not (p / "state.json").is_file():
+        raise CfdpoError(f"{p}: no pairs dataset here; run `cfdpo pairs` first")
+    return load_from_disk(str(p))

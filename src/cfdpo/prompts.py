@@ -1,0 +1,112 @@
+"""Prompt sets: builtin sets shipped in the package, or a user's JSONL / CSV / parquet file.
+
+Every prompt gets a stable id; `split()` makes a deterministic train / eval split with no overlap.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from importlib import resources
+from pathlib import Path
+
+from cfdpo.errors import CfdpoError
+
+BUILTIN_SETS = ("general", "news")
+MAX_PROMPT_CHARS = 20_000
+
+
+def _builtin_path(name: str):
+    return resources.files("cfdpo") / "data" / "prompts" / f"{name}.jsonl"
+
+
+def _rows_from_jsonl(text: str, where: str) -> list[dict]:
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CfdpoError(f"{where}: line {i}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise CfdpoError(f"{where}: line {i}: expected a JSON object with a prompt field")
+        rows.append(row)
+    return rows
+
+
+def _rows_from_csv(text: str, where: str) -> list[dict]:
+    try:
+        return list(csv.DictReader(io.StringIO(text)))
+    except csv.Error as e:
+        raise CfdpoError(f"{where}: invalid CSV ({e})") from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CfdpoError(f"{path}: not valid UTF-8 (byte {e.start}); save the prompt file as UTF-8") from None
+
+
+def load_prompts(source: str, column: str = "prompt") -> list[dict]:
+    """Return [{'id', 'prompt', ...}] for a builtin set name or a file path."""
+    if source in BUILTIN_SETS:
+        where = f"builtin prompt set '{source}'"
+        rows = _rows_from_jsonl(_builtin_path(source).read_text(encoding="utf-8"), where)
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise CfdpoError(
+                f"prompts.source '{source}': not a builtin set ({', '.join(BUILTIN_SETS)}) and no such file"
+            )
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json"):
+            rows = _rows_from_jsonl(_read_text(path), where)
+        elif suffix == ".csv":
+            rows = _rows_from_csv(_read_text(path), where)
+        elif suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+
+                rows = pq.read_table(path).to_pylist()
+            except Exception as e:  # noqa: BLE001
+                raise CfdpoError(f"{where}: cannot read parquet ({type(e).__name__})") from None
+        else:
+            raise CfdpoError(f"{where}: unsupported prompt file type '{suffix}'; expected .jsonl, .csv or .parquet")
+    if not rows:
+        raise CfdpoError(f"{where}: no prompts found; expected one prompt per row in a '{column}' field")
+    out: list[dict] = []
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows, 1):
+        if column not in row:
+            raise CfdpoError(f"{where}: row {i} has no '{column}' field; expected a '{column}' column")
+        prompt = row[column]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise CfdpoError(f"{where}: row {i}: '{column}' is empty; expected non-empty text")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise CfdpoError(f"{where}: row {i}: prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+        key = prompt.strip()
+        if key in seen:
+            raise CfdpoError(f"{where}: row {i} repeats the prompt of row {seen[key]}; expected unique prompts")
+        seen[key] = i
+        pid = str(row.get("id") or f"p{i:05d}")
+        out.append({**{k: v for k, v in row.items() if k != column}, "id": pid, "prompt": prompt.strip()})
+    ids = [r["id"] for r in out]
+    if len(set(ids)) != len(ids):
+        raise CfdpoError(f"{where}: ids are not unique; expected one id per prompt")
+    return out
+
+
+def split(prompts: list[dict], train_size: int, eval_size: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Deterministic shuffle, then eval = first `eval_size`, train = next `train_size`; never overlapping."""
+    if train_size + eval_size > len(prompts):
+        raise CfdpoError(
+            f"prompts: train_size + eval_size = {train_size + eval_size} but the set has only {len(prompts)} prompts"
+        )
+    order = sorted(prompts, key=lambda r: r["id"])
+    random.Random(seed).shuffle(order)
+    return order[eval_size : eval_size + train_size], order[:eval_size]

@@ -1,0 +1,191 @@
+"""The report: `report.md` and a self-contained `report.html` (table, plots, sample answers).
+
+Reads `metrics.json` and `eval/answers.jsonl`; writes `plots/*.png`, `report.md`, `report.html`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from cfdpo.runio import JsonlLog, read_json, write_atomic
+
+MODEL_NOTES = {
+    "base": "the model as it is",
+    "prompted": "base model given the instruction at inference (the teacher)",
+    "sft": "SFT context-distillation baseline",
+    "enc": "Counterfactual ENC",
+    "dis": "Counterfactual DIS",
+    "contrastive": "Contrastive",
+    "negation": "Instruction Negation",
+}
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def table_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    conds = metrics.get("conditions", ["control"])
+    head = ["model"]
+    for c in conds:
+        head += [f"score ({c})", f"words ({c})"]
+    head += ["nll_ratio"]
+    rows = []
+    for name, m in metrics["models"].items():
+        row = [name]
+        for c in conds:
+            row += [_fmt(m.get(c, {}).get("score")), _fmt(m.get(c, {}).get("mean_words"), 1)]
+        row += [_fmt(m.get("nll_ratio"))]
+        for extra in ("mcq_accuracy",):
+            if extra in m:
+                if extra not in head:
+                    head.append(extra)
+                row.append(_fmt(m[extra]))
+        rows.append(row)
+    return head, rows
+
+
+def plot(metrics: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(metrics["models"])
+    conds = metrics.get("conditions", ["control"])
+    b = metrics["behaviour"]
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / len(conds)
+    for i, c in enumerate(conds):
+        vals = [metrics["models"][n].get(c, {}).get("score") or 0.0 for n in names]
+        ax.bar([x + i * width for x in range(len(names))], vals, width, label=f"{c} prompt")
+    ax.set_xticks([x + width * (len(conds) - 1) / 2 for x in range(len(names))], names)
+    ax.set_ylabel(f"{b['scorer']} score ({b['desired']} is better)")
+    ax.set_title(f"{b['name']}: behaviour score on held-out prompts")
+    ax.legend()
+    fig.tight_layout()
+    p = out_dir / "score.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    vals = [metrics["models"][n].get("nll_ratio") or 0.0 for n in names]
+    ax.bar(names, vals, color="#888")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_ylabel("NLL ratio vs base (lower = closer)")
+    ax.set_title("capability retention: NLL of base answers")
+    fig.tight_layout()
+    p = out_dir / "nll_ratio.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def samples(run_dir: Path, metrics: dict, n: int) -> list[dict]:
+    """Side-by-side answers for the first `n` held-out prompts: {prompt, condition, answers{model: text}}."""
+    path = run_dir / "eval" / "answers.jsonl"
+    if not path.is_file() or n <= 0:
+        return []
+    by: dict[tuple[str, str], dict] = {}
+    for r in JsonlLog(path).rows:
+        by.setdefault((r["prompt_id"], r["condition"]), {"prompt": r["prompt"], "condition": r["condition"], "answers": {}})
+        by[(r["prompt_id"], r["condition"])]["answers"][r["model_label"]] = r["answer"]
+    out = []
+    for pid in metrics.get("eval_prompt_ids", [])[:n]:
+        for c in metrics.get("conditions", ["control"]):
+            if (pid, c) in by:
+                out.append(by[(pid, c)])
+    return out
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def render_md(metrics: dict, sample_rows: list[dict], plots: list[Path], run_dir: Path) -> str:
+    b = metrics["behaviour"]
+    head, rows = table_rows(metrics)
+    lines = [
+        f"# cfdpo report: {b['name']}", "",
+        f"Scorer `{b['scorer']}` ({b.get('unit', '')}); **{b['desired']}** is better. "
+        f"{metrics.get('n_eval_prompts', '?')} held-out prompts. `nll_ratio` = mean per-token NLL of the base "
+        "model's held-out control answers under the model, divided by the base model's own.", "",
+        "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "Models: " + "; ".join(f"`{n}` {MODEL_NOTES.get(n, '')}" for n in metrics["models"]), ""]
+    for p in plots:
+        lines += [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})", ""]
+    if sample_rows:
+        names = list(metrics["models"])
+        lines += ["## Sample answers", ""]
+        for s in sample_rows:
+            lines += [f"**Prompt** ({s['condition']}): {_md_cell(s['prompt'])}", "",
+                      "| model | answer |", "|---|---|"]
+            lines += [f"| {n} | {_md_cell(s['answers'].get(n, ''))} |" for n in names if n in s["answers"]]
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def render_html(metrics: dict, sample_rows: list[dict], plots: list[Path]) -> str:
+    b = metrics["behaviour"]
+    head, rows = table_rows(metrics)
+    e = html.escape
+    table = "<table id='metrics'><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>"
+    table += "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows) + "</tbody></table>"
+    imgs = "".join(
+        f"<figure><img class='plot' alt='{e(p.stem)}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
+        f"<figcaption>{e(p.stem)}</figcaption></figure>"
+        for p in plots
+    )
+    names = list(metrics["models"])
+    sample_html = ""
+    for s in sample_rows:
+        cells = "".join(
+            f"<div class='ans'><h4>{e(n)}</h4><p>{e(s['answers'].get(n, ''))}</p></div>" for n in names if n in s["answers"]
+        )
+        sample_html += f"<section class='sample'><p class='prompt'><b>{e(s['condition'])} prompt:</b> {e(s['prompt'])}</p><div class='grid'>{cells}</div></section>"
+    css = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:4px 10px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}th{background:#eee}img.plot{max-width:100%}"
+        ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:8px}"
+        ".ans{border:1px solid #ddd;padding:6px;font-size:0.9em}.ans h4{margin:0 0 4px}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>cfdpo report: {e(b['name'])}</title>"
+        f"<style>{css}</style></head><body><h1>cfdpo report: {e(b['name'])}</h1>"
+        f"<p>Scorer <code>{e(b['scorer'])}</code>; <b>{e(b['desired'])}</b> is better; "
+        f"{e(str(metrics.get('n_eval_prompts', '?')))} held-out prompts.</p>{table}{imgs}"
+        f"<h2>Sample answers</h2>{sample_html}<script type='application/json' id='metrics-json'>"
+        f"{e(json.dumps(metrics['models']))}</script></body></html>"
+    )
+
+
+def write_report(run_dir: str | Path, n_samples: int | None = None) -> Path:
+    run = Path(run_dir)
+    metrics = read_json(run / "metrics.json")
+    if n_samples is None:
+        try:
+            from cfdpo.spec import load_recipe
+
+            n_samples = load_recipe(run / "recipe.yaml").evaluation.samples
+        except Exception:  # noqa: BLE001 - the report still works without the recipe
+            n_samples = 3
+    plots = plot(metrics, run / "plots")
+    rows = samples(run, metrics, n_samples)
+    write_atomic(run / "report.md", render_md(metrics, rows, plots, run))
+    write_atomic(run / "report.html", render_html(metrics, rows, plots))
+    return run / "report.md"

@@ -1,0 +1,100 @@
+"""Crash-safe file I/O for run directories.
+
+- `write_atomic` / `write_json`: temporary file in the same directory, fsync, rename.
+- `JsonlLog`: append-only JSONL; on open, an incomplete or corrupt last line (a killed writer)
+  is cut off, so every row that is there was written whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cfdpo.errors import CfdpoError
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise CfdpoError(f"{p}: not found; run the stage that writes it first")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CfdpoError(f"{p}: not valid JSON ({e.__class__.__name__})") from None
+
+
+class JsonlLog:
+    """Append-only JSONL file of dict rows keyed by `key`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows: list[dict] = []
+        if self.path.exists():
+            self._load_and_repair()
+
+    def _load_and_repair(self) -> None:
+        raw = self.path.read_bytes()
+        good_end = 0
+        pos = 0
+        seen: set[str] = set()
+        while pos < len(raw):
+            nl = raw.find(b"\n", pos)
+            if nl < 0:
+                break  # unterminated tail: a write that was cut short
+            line = raw[pos:nl]
+            try:
+                row = json.loads(line.decode("utf-8"))
+                if not isinstance(row, dict) or "key" not in row:
+                    raise ValueError
+            except (ValueError, UnicodeDecodeError):
+                break
+            if row["key"] not in seen:
+                seen.add(row["key"])
+                self.rows.append(row)
+            pos = good_end = nl + 1
+        if good_end < len(raw):
+            if raw[good_end:].count(b"\n") > 1:
+                raise CfdpoError(
+                    f"{self.path}: corrupt row in the middle of the file (byte {good_end}); expected one JSON object per line"
+                )
+            with open(self.path, "r+b") as f:
+                f.truncate(good_end)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def keys(self) -> set[str]:
+        return {r["key"] for r in self.rows}
+
+    def append(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        with open(self.path, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows.extend(rows)
