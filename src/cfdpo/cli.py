@@ -127,6 +127,12 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run di
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
     try:
         app(args=argv, standalone_mode=False)
     except CfdpoError as e:

@@ -122,6 +122,9 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
     import torch
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -136,6 +136,9 @@ def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft:
     if unknown:
         raise CfdpoError(f"variant '{unknown[0]}' is not in this recipe's variants ({', '.join(r.variants)})")
     set_threads()
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
     dtype = "float32"
     out = []
     for v in todo:

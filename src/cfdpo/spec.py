@@ -33,7 +33,10 @@ class ScorerSpec(_Strict):
     def _known(self) -> ScorerSpec:
         from cfdpo.scorers import make_scorer
 
-        make_scorer(self.name, self.params)  # raises CfdpoError on unknown name / bad params
+        try:
+            make_scorer(self.name, self.params)
+        except CfdpoError as e:
+            raise ValueError(str(e)) from None
         return self
 
 

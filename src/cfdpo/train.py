@@ -34,7 +34,7 @@ def _common_args(spec: DPOSpec, out: Path, n_examples: int) -> dict:
     return dict(
         output_dir=str(out), per_device_train_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.grad_accum, num_train_epochs=spec.epochs,
-        learning_rate=spec.learning_rate, lr_scheduler_type="linear", warmup_ratio=0.0,
+        learning_rate=spec.learning_rate, lr_scheduler_type="linear",
         logging_steps=1, save_strategy="no", report_to=[], seed=spec.seed, data_seed=spec.seed,
         bf16=spec.bf16, fp16=False, gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
         max_length=spec.max_length, dataloader_num_workers=0, disable_tqdm=True,
@@ -46,6 +46,50 @@ def _check_targets(model, spec: DPOSpec) -> None:
     missing = [t for t in spec.lora_targets if t not in names]
     if missing:
         raise CfdpoError(f"dpo.lora_targets: module '{missing[0]}' is not in this model; expected names like q_proj, v_proj")
+
+
+class _RichProgress:
+    """A one-line rich progress bar for training steps, showing the last loss."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.bar = None
+
+    def __call__(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class CB(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+                outer.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
+                outer.bar.start()
+                outer.task = outer.bar.add_task(outer.label, total=state.max_steps, loss="-")
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if outer.bar is not None and logs and "loss" in logs:
+                    outer.bar.update(outer.task, loss=f"{float(logs['loss']):.4f}")
+
+            def on_step_end(self, args, state, control, **kw):
+                if outer.bar is not None:
+                    outer.bar.update(outer.task, completed=state.global_step)
+
+            def on_train_end(self, args, state, control, **kw):
+                if outer.bar is not None:
+                    outer.bar.stop()
+
+        return CB()
+
+
+def _quiet(trainer, label: str = "train") -> None:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_RichProgress(f"{label} {Path(trainer.args.output_dir).parent.name.split('-')[0].lstrip('.')}")())
 
 
 def _finish(trainer, tmp: Path, out: Path, merge: bool, extra_log: dict) -> Path:
@@ -97,6 +141,7 @@ def train_dpo(
             trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_lora(spec))
         except ValueError as e:
             raise CfdpoError(f"dpo: {str(e).splitlines()[0]}") from None
+        _quiet(trainer)
         result = trainer.train()
         return _finish(trainer, tmp, out, merge, {"kind": "dpo", "train_runtime": result.metrics.get("train_runtime"),
                                                   "pairs": len(ds), "spec": spec.model_dump(mode="json")})
@@ -130,6 +175,7 @@ def train_sft(
         )
         args = SFTConfig(**_common_args(spec, tmp / "work", len(ds)), completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_lora(spec))
+        _quiet(trainer)
         result = trainer.train()
         return _finish(trainer, tmp, out, merge, {"kind": "sft", "train_runtime": result.metrics.get("train_runtime"),
                                                   "examples": len(ds), "spec": spec.model_dump(mode="json")})

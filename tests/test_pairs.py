@@ -1,0 +1,99 @@
+"""Each variant's prompt / chosen / rejected mapping, exactly as in DESIGN.md (no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cfdpo.errors import CfdpoError
+from cfdpo.pairs import build_pairs, pair_stats
+from cfdpo.scorers import make_scorer
+
+X = {"control": [{"role": "user", "content": "Q"}],
+     "treatment": [{"role": "user", "content": "Be plain.\n\nQ"}],
+     "negative": [{"role": "user", "content": "Talk like a pirate.\n\nQ"}]}
+
+
+def rows(samples: int = 1, pid: str = "p1", answers: dict | None = None) -> list[dict]:
+    out = []
+    for cond in ("control", "treatment", "negative"):
+        for s in range(samples):
+            text = (answers or {}).get((cond, s), f"{cond} answer {s}")
+            out.append({"key": f"{pid}-{cond}-{s}", "prompt_id": pid, "variant": cond, "sample": s,
+                        "messages": X[cond], "answer": text})
+    return out
+
+
+def one(variant: str) -> dict:
+    (p,) = build_pairs(rows(), variant)
+    return p
+
+
+def test_enc_prompt_control_chosen_treatment_rejected_control():
+    p = one("enc")
+    assert p["prompt"] == X["control"]
+    assert p["chosen"] == [{"role": "assistant", "content": "treatment answer 0"}]
+    assert p["rejected"] == [{"role": "assistant", "content": "control answer 0"}]
+
+
+def test_dis_prompt_control_chosen_control_rejected_negative():
+    p = one("dis")
+    assert p["prompt"] == X["control"]
+    assert p["chosen"][0]["content"] == "control answer 0"
+    assert p["rejected"][0]["content"] == "negative answer 0"
+
+
+def test_contrastive_prompt_control_chosen_treatment_rejected_negative():
+    p = one("contrastive")
+    assert p["prompt"] == X["control"]
+    assert p["chosen"][0]["content"] == "treatment answer 0"
+    assert p["rejected"][0]["content"] == "negative answer 0"
+
+
+def test_negation_prompt_negative_chosen_control_rejected_negative():
+    p = one("negation")
+    assert p["prompt"] == X["negative"]
+    assert p["chosen"][0]["content"] == "control answer 0"
+    assert p["rejected"][0]["content"] == "negative answer 0"
+
+
+def test_samples_pair_by_index_and_missing_conditions_are_skipped():
+    rs = rows(samples=3) + [r for r in rows(pid="p2") if r["variant"] != "treatment"]
+    enc = build_pairs(rs, "enc")
+    assert [(p["prompt_id"], p["sample"]) for p in enc] == [("p1", 0), ("p1", 1), ("p1", 2)]
+    assert all(p["chosen"][0]["content"].endswith(str(p["sample"])) for p in enc)
+    assert {p["prompt_id"] for p in build_pairs(rs, "negation")} == {"p1", "p2"}
+
+
+def test_identical_answers_give_no_pair():
+    rs = rows(answers={("control", 0): "same", ("negative", 0): "same"})
+    assert build_pairs(rs, "dis") == []
+
+
+def test_unknown_variant():
+    with pytest.raises(CfdpoError, match="unknown variant"):
+        build_pairs(rows(), "bogus")
+
+
+def test_filter_drops_pairs_where_chosen_does_not_beat_rejected():
+    sc = make_scorer("lexicon", {"words": ["arr"]})
+    good = rows(pid="good", answers={("control", 0): "plain words", ("negative", 0): "arr arr"})
+    bad = rows(pid="bad", answers={("control", 0): "arr arr here", ("negative", 0): "plain"})
+    rs = good + bad
+    assert {p["prompt_id"] for p in build_pairs(rs, "dis")} == {"good", "bad"}
+    kept = build_pairs(rs, "dis", sc, "lower", filter_pairs=True)
+    assert [p["prompt_id"] for p in kept] == ["good"]
+
+
+def test_best_of_k_pairs_best_chosen_with_worst_rejected():
+    sc = make_scorer("length")
+    ans = {("treatment", 0): "one two three", ("treatment", 1): "one", ("treatment", 2): "one two",
+           ("negative", 0): "a b", ("negative", 1): "a b c d e", ("negative", 2): "a"}
+    (p,) = build_pairs(rows(samples=3, answers=ans), "contrastive", sc, "lower", best_of_k=True)
+    assert p["chosen"][0]["content"] == "one"
+    assert p["rejected"][0]["content"] == "a b c d e"
+
+
+def test_stats():
+    sc = make_scorer("length")
+    s = pair_stats(build_pairs(rows(), "enc"), sc)
+    assert s["count"] == 1 and s["score_chosen"] == 3.0 and s["mean_words_rejected"] == 3.0

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cfdpo.errors import CfdpoError
+from cfdpo.prompts import load_prompts, split
+
+
+def test_builtin_general_set_is_large_diverse_and_unique():
+    ps = load_prompts("general")
+    assert len(ps) >= 300
+    assert len({p["prompt"].lower() for p in ps}) == len(ps)
+    assert len({p["category"] for p in ps}) >= 4
+
+
+def test_builtin_news_set_mentions_people():
+    ps = load_prompts("news")
+    assert len(ps) >= 100
+    assert all(name in p["prompt"] for p in ps for name in p["people"])
+
+
+def test_split_is_deterministic_and_disjoint():
+    ps = load_prompts("general")
+    a_train, a_eval = split(ps, 100, 50, seed=3)
+    b_train, b_eval = split(list(reversed(ps)), 100, 50, seed=3)
+    assert [p["id"] for p in a_train] == [p["id"] for p in b_train]
+    assert [p["id"] for p in a_eval] == [p["id"] for p in b_eval]
+    assert not {p["id"] for p in a_train} & {p["id"] for p in a_eval}
+    assert len(a_train) == 100 and len(a_eval) == 50
+    c_train, _ = split(ps, 100, 50, seed=4)
+    assert [p["id"] for p in c_train] != [p["id"] for p in a_train]
+
+
+def test_split_too_large():
+    with pytest.raises(CfdpoError, match="only 2 prompts"):
+        split([{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}], 2, 1)
+
+
+def test_user_files(tmp_path):
+    j = tmp_path / "p.jsonl"
+    j.write_text("\n".join(json.dumps({"prompt": f"question {i}?"}) for i in range(3)) + "\n")
+    assert [p["id"] for p in load_prompts(str(j))] == ["p00001", "p00002", "p00003"]
+    c = tmp_path / "p.csv"
+    c.write_text("id,prompt\na,Why?\nb,How?\n")
+    assert [p["prompt"] for p in load_prompts(str(c))] == ["Why?", "How?"]
+
+
+@pytest.mark.parametrize("name,content,msg", [
+    ("empty.jsonl", b"", "no prompts found"),
+    ("blank.jsonl", b'{"prompt": "   "}\n', "is empty"),
+    ("dup.jsonl", b'{"prompt": "a"}\n{"prompt": "a"}\n', "repeats the prompt of row 1"),
+    ("latin1.jsonl", '{"prompt": "caf\u00e9"}\n'.encode("latin-1"), "not valid UTF-8"),
+    ("nocol.csv", b"text\nhello\n", "no 'prompt' field"),
+    ("bad.jsonl", b'{"prompt": \n', "invalid JSON"),
+    ("p.txt", b"hello\n", "unsupported prompt file type"),
+])
+def test_bad_prompt_files(tmp_path, name, content, msg):
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(CfdpoError, match=msg):
+        load_prompts(str(p))
+
+
+def test_missing_source():
+    with pytest.raises(CfdpoError, match="not a builtin set"):
+        load_prompts("no/such/file.jsonl")

@@ -1,0 +1,117 @@
+"""Recipe validation: one-line errors naming the field, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cfdpo.cli import main
+from cfdpo.errors import CfdpoError
+from cfdpo.spec import load_recipe, parse_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = {
+    "behaviour": {"name": "b", "negative": "Talk like a pirate.",
+                  "scorer": {"name": "lexicon", "desired": "lower", "params": {"words": ["arr"]}}},
+    "variants": ["negation"],
+}
+
+
+def with_(path: str, value):
+    import copy
+
+    d = copy.deepcopy(BASE)
+    node = d
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    if value is KeyError:
+        node.pop(keys[-1])
+    else:
+        node[keys[-1]] = value
+    return d
+
+
+def test_builtin_recipes_are_valid():
+    for name in ("pirate", "concise"):
+        r = load_recipe(REPO / "recipes" / f"{name}.yaml")
+        assert r.model == "smollm2-135m"
+    assert load_recipe(REPO / "recipes" / "pirate.yaml").variants == ["dis", "contrastive", "negation"]
+    assert load_recipe(REPO / "recipes" / "concise.yaml").variants == ["enc"]
+
+
+def test_defaults_and_needed_conditions():
+    r = parse_recipe(BASE)
+    assert r.needed_conditions() == ["control", "negative"]
+    r2 = parse_recipe(with_("behaviour.treatment", "Be plain.") | {"variants": ["enc", "contrastive"]})
+    assert r2.needed_conditions() == ["control", "treatment", "negative"]
+
+
+@pytest.mark.parametrize("data,msg", [
+    (with_("variants", ["nope"]), "variants.0: Input should be 'enc', 'dis', 'contrastive' or 'negation'"),
+    (with_("variants", []), "variants: List should have at least 1 item"),
+    (with_("variants", ["negation", "negation"]), "variants must not repeat"),
+    (with_("variants", ["enc"]), "variant 'enc' needs behaviour.treatment"),
+    (with_("behaviour.scorer.name", "nope"), "unknown scorer 'nope'"),
+    (with_("behaviour.scorer.desired", "more"), "behaviour.scorer.desired: Input should be 'lower' or 'higher'"),
+    (with_("behaviour.negative", KeyError), "give a treatment instruction, a negative instruction, or both"),
+    (with_("behaviour.placement", "middle"), "behaviour.placement"),
+    (with_("dpo.beta", -1), "dpo.beta: Input should be greater than 0"),
+    (with_("dpo.learning_rate", "fast"), "dpo.learning_rate: Input should be a valid number"),
+    (with_("generation.samples", 0), "generation.samples"),
+    (with_("colour", "red"), "colour: unknown field"),
+    (with_("behaviour.extra", 1), "behaviour.extra: unknown field"),
+    (with_("behaviour", KeyError), "behaviour: field required"),
+])
+def test_invalid_recipes(data, msg):
+    with pytest.raises(CfdpoError) as e:
+        parse_recipe(data, "r.yaml")
+    assert msg in str(e.value)
+    assert str(e.value).startswith("r.yaml: ")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text,msg", [
+    (b"model: [unclosed\n", "invalid YAML"),
+    (b"- just\n- a list\n", "expected a mapping"),
+    (b"\xff\xfe bad bytes", "not valid UTF-8"),
+    (b"", "expected a mapping"),
+])
+def test_cli_bad_recipe_files_exit_2_one_line_and_write_nothing(tmp_path, capsys, text, msg):
+    rec = tmp_path / "r.yaml"
+    rec.write_bytes(text)
+    out = tmp_path / "run"
+    assert main(["run", str(rec), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_missing_recipe_and_unknown_model(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+    import yaml
+
+    rec = tmp_path / "r.yaml"
+    rec.write_text(yaml.safe_dump(with_("model", str(tmp_path / "no_model_here"))))
+    assert main(["generate", str(tmp_path / "o2"), "--recipe", str(rec)]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "Traceback" not in err
+
+
+def test_run_dir_of_another_recipe_is_refused_and_left_alone(tmp_path, capsys):
+    import yaml
+
+    a = tmp_path / "a.yaml"
+    a.write_text(yaml.safe_dump(BASE))
+    b = tmp_path / "b.yaml"
+    b.write_text(yaml.safe_dump(with_("dpo.beta", 0.5)))
+    from cfdpo.pipeline import open_run
+
+    run = open_run(tmp_path / "run", a)
+    before = (run.dir / "recipe.yaml").read_bytes()
+    assert main(["generate", str(tmp_path / "run"), "--recipe", str(b)]) == 2
+    assert "written by another recipe (differs in: dpo)" in capsys.readouterr().err
+    assert (run.dir / "recipe.yaml").read_bytes() == before
