@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ class Progress:
         self.bar = RP(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[tps]:>7.1f} tok/s"), TimeRemainingColumn(), transient=False,
+            disable=os.environ.get("RANK", "0") != "0",  # one bar: rank 0's share
         )
         self.total_tokens = 0
         self.start = time.perf_counter()
