@@ -30,5 +30,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+bench: $(STAMP)
+	$(BIN)/python bench/run.py --pairs 64 --prompts 32
+
 clean:
 	rm -rf runs build dist .pytest_cache

@@ -58,9 +58,11 @@ def resolve_dtype(dtype: str) -> str:
         return dtype
     import torch
 
+    from cfdpo.train import bf16_supported
+
     if torch.cuda.is_available():
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
+    return "bfloat16" if bf16_supported() else "float32"  # CPUs with AVX512-BF16 / AMX
 
 
 class Progress:
@@ -99,7 +101,10 @@ def generate_answers(
 
     Calls `on_batch(indices, answers, token_counts)` after each batch so the caller can persist
     results as they come. The k samples of one conversation come from `num_return_sequences`.
+    `model` may also be a `vllm_backend.VllmGenerator`, which does the same with vLLM.
     """
+    if hasattr(model, "generate_answers"):
+        return model.generate_answers(tokenizer, conversations, params, num_samples, batch_size, seed, on_batch)
     import torch
 
     device = next(model.parameters()).device
