@@ -90,9 +90,11 @@ def generate(run: Run) -> int:
     set_threads()
 
     def loader():
-        if g.backend == "vllm":
-            raise CfdpoError("generation.backend 'vllm' needs a GPU and `pip install cfdpo[vllm]`")
         tok = load_tokenizer(path, r.trust_remote_code)
+        if g.backend == "vllm":
+            from cfdpo.vllm_backend import VllmGenerator
+
+            return VllmGenerator(path, resolve_dtype(g.dtype), r.trust_remote_code, g.seed), tok
         tok.padding_side = "left"
         return load_model(path, resolve_dtype(g.dtype), r.trust_remote_code), tok
 

@@ -75,7 +75,7 @@ class GenerationSpec(_Strict):
     max_new_tokens: int = Field(default=96, ge=1, le=8192)
     temperature: float = Field(default=0.7, ge=0.0, le=5.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
-    batch_size: int = Field(default=16, ge=1, le=4096)
+    batch_size: int = Field(default=64, ge=1, le=4096, description="sequences per generate call (k samples count k)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     seed: int = 0
 
@@ -97,7 +97,7 @@ class DPOSpec(_Strict):
     lora_alpha: int = Field(default=32, ge=1)
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
-    bf16: bool = Field(default=False, description="bf16 mixed precision")
+    bf16: bool | None = Field(default=None, description="bf16 mixed precision; unset: where the hardware has bf16")
     precompute_ref_log_probs: bool = False
     seed: int = 0
 

@@ -36,9 +36,20 @@ def _common_args(spec: DPOSpec, out: Path, n_examples: int) -> dict:
         gradient_accumulation_steps=spec.grad_accum, num_train_epochs=spec.epochs,
         learning_rate=spec.learning_rate, lr_scheduler_type="linear",
         logging_steps=1, save_strategy="no", report_to=[], seed=spec.seed, data_seed=spec.seed,
-        bf16=spec.bf16, fp16=False, gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
+        bf16=bf16_supported() if spec.bf16 is None else spec.bf16, fp16=False, gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
         max_length=spec.max_length, dataloader_num_workers=0, disable_tqdm=True,
     )
+
+
+def bf16_supported() -> bool:
+    """bf16 compute is native here: a CUDA GPU with bf16, or a CPU with AVX512-BF16 / AMX."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def _check_targets(model, spec: DPOSpec) -> None:
