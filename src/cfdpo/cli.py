@@ -125,6 +125,38 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run di
     console.print(f"[green]report:[/green] {path}")
 
 
+@app.command()
+def benchmark(
+    recipes: list[str] = typer.Argument(..., help="recipe files or builtin recipe names"),
+    seeds: int = typer.Option(3, help="seeds per recipe (generation sampling and training)"),
+    out: Path = typer.Option(Path("runs/benchmark"), "--out", "-o", help="directory for every run"),
+    docs: Path = typer.Option(Path("docs"), help="where RESULTS.md and the plots go"),
+    train_size: Optional[int] = typer.Option(None, help="override every recipe's prompts.train_size"),
+    eval_size: Optional[int] = typer.Option(None, help="override every recipe's prompts.eval_size"),
+    samples: Optional[int] = typer.Option(None, help="samples per condition (k of best-of-k) for the pair-quality recipes"),
+    mcq_items: Optional[int] = typer.Option(None, help="multiple-choice items (default: the recipe's, 179)"),
+    pair_quality: Optional[list[str]] = typer.Option(None, help="RECIPE:VARIANT to compare plain / filtered / best-of-k pairs on (default pirate:negation, concise:enc)"),
+    multi: Optional[list[str]] = typer.Option(None, help="RECIPE:VARIANT picks whose pairs train one adapter (default pirate:negation, concise:enc)"),
+):
+    """Run every recipe for several seeds (+ pair-quality and multi-behaviour runs) and write docs/RESULTS.md."""
+    import shlex
+
+    from cfdpo.benchmark import Sizes, make_plan, run_benchmark
+
+    command = "cfdpo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] else ""
+    plan = make_plan([recipe_path(r) for r in recipes], seeds, out, docs, Sizes(train_size, eval_size, samples, mcq_items),
+                     pair_quality, multi, command)
+    run_benchmark(plan)
+    console.print(f"[green]results:[/green] {docs / 'RESULTS.md'}")
+
+
+def _error(message: str) -> None:
+    """Print an error as one line; its text is never read as rich markup (it may hold [brackets])."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(' '.join(message.splitlines()))}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

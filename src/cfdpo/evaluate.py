@@ -6,23 +6,31 @@ under `adapters/`. Each answers the held-out prompts under the control prompt an
 behaviour has one, under the negative prompt. `nll_ratio` is the mean per-token NLL of the base
 model's held-out control answers under a model divided by the base model's own.
 
+With `evaluation.mcq`, every model also answers the builtin multiple-choice set (`data/mcq.jsonl`)
+the way evaluation harnesses do: the option with the highest log-likelihood given
+"Question: ...\nAnswer:" wins (`mcq_accuracy`; `mcq_accuracy_norm` divides by the option's
+length in characters, like lm-eval's acc_norm). The `prompted` model gets the treatment
+instruction before the question. Results are cached in `eval/mcq.json`.
+
 Answers are cached in `eval/answers.jsonl` (same keys and resume rules as generation).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+from importlib import resources
 from pathlib import Path
 
 from cfdpo import counterfactual
 from cfdpo.generate import GenParams, plan_rows, resolve_dtype, run_generation
-from cfdpo.runio import JsonlLog, write_json
+from cfdpo.runio import JsonlLog, read_json, write_json
 from cfdpo.scorers import make_scorer
 from cfdpo.scorers.base import words
 from cfdpo.spec import Behaviour, Recipe
 
-ADAPTER_ORDER = ("sft", "enc", "dis", "contrastive", "negation")
+ADAPTER_ORDER = ("sft", "enc", "dis", "contrastive", "negation", "multi")
 
 
 def prompted_messages(prompt: str, condition: str, b: Behaviour) -> list[dict]:
@@ -105,6 +113,74 @@ def mean_nll(model, tokenizer, conversations: list[list[dict]], answers: list[st
     return total / count if count else math.nan
 
 
+def load_mcq(n: int | None = None) -> list[dict]:
+    """The builtin multiple-choice set: [{id, category, question, choices[4], answer}], first `n` items."""
+    text = (resources.files("cfdpo") / "data" / "mcq.jsonl").read_text(encoding="utf-8")
+    items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return items[:n] if n else items
+
+
+def mcq_context(item: dict, instruction: str | None = None) -> str:
+    text = f"Question: {item['question']}\nAnswer:"
+    return f"{instruction}\n\n{text}" if instruction else text
+
+
+def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16) -> list[float]:
+    """Sum of log-probs of each continuation's tokens given its context (lm-eval's loglikelihood).
+
+    The continuation's tokens are those of tokenize(context + continuation) past tokenize(context).
+    Rows are left-padded so only the last positions' logits are computed.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    items = []
+    for i, (ctx, cont) in enumerate(pairs):
+        ctx_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
+        full = tokenizer(ctx + cont, add_special_tokens=False)["input_ids"]
+        n_cont = min(max(1, len(full) - len(ctx_ids)), len(full) - 1)  # the first token has no prediction
+        items.append((i, full, n_cont))
+    out = [0.0] * len(pairs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    items.sort(key=lambda x: len(x[1]))
+    for b in range(0, len(items), batch_size):
+        batch = items[b : b + batch_size]
+        width = max(len(x[1]) for x in batch)
+        keep = max(x[2] for x in batch) + 1
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, (_, full, _) in enumerate(batch):
+            ids[r, width - len(full) :] = torch.tensor(full)
+            mask[r, width - len(full) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                           logits_to_keep=keep).logits.float()
+        logp = torch.log_softmax(logits[:, -keep:-1], dim=-1)  # predicts the last keep-1 tokens
+        tgt = ids[:, width - keep + 1 :].to(device)
+        picked = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        for r, (i, _, n_cont) in enumerate(batch):
+            out[i] = float(picked[r, picked.shape[1] - n_cont :].sum())
+    return out
+
+
+def mcq_accuracy(model, tokenizer, items: list[dict], instruction: str | None = None, batch_size: int = 16) -> dict:
+    """Accuracy on multiple-choice items by option log-likelihood (and per-character normalised)."""
+    pairs = [(mcq_context(it, instruction), f" {c}") for it in items for c in it["choices"]]
+    lps = continuation_logprobs(model, tokenizer, pairs, batch_size)
+    hits = hits_norm = 0
+    k = 0
+    for it in items:
+        n = len(it["choices"])
+        lp = lps[k : k + n]
+        norm = [v / len(f" {c}") for v, c in zip(lp, it["choices"])]
+        k += n
+        hits += int(max(range(n), key=lambda j: lp[j]) == it["answer"])
+        hits_norm += int(max(range(n), key=lambda j: norm[j]) == it["answer"])
+    n = len(items)
+    return {"accuracy": hits / n if n else None, "accuracy_norm": hits_norm / n if n else None, "n": n}
+
+
 def evaluate_run(run_dir: str | Path, recipe: Recipe, model_path: str, eval_prompts: list[dict]) -> dict:
     from cfdpo.models import load_model, load_tokenizer, model_id
 
@@ -114,7 +190,7 @@ def evaluate_run(run_dir: str | Path, recipe: Recipe, model_path: str, eval_prom
     scorer = make_scorer(b.scorer.name, b.scorer.params)
     conditions = ["control"] + (["negative"] if b.negative else [])
     params = GenParams(ev.max_new_tokens, ev.temperature, ev.top_p)
-    seed = recipe.generation.seed
+    seed = recipe.generation.seed if ev.temperature > 0 else 0  # greedy answers do not depend on the seed
     adapters = find_adapters(run)
     base_id = model_id(model_path)
     dtype = resolve_dtype(recipe.generation.dtype)
@@ -182,6 +258,21 @@ def evaluate_run(run_dir: str | Path, recipe: Recipe, model_path: str, eval_prom
         models[label] = entry
     for entry in models.values():
         entry["nll_ratio"] = entry["nll"] / nll_base if nll_base else None
+    if ev.mcq:
+        items = load_mcq(ev.mcq_items)
+        cache_path = run / "eval" / "mcq.json"
+        cache = read_json(cache_path) if cache_path.is_file() else {}
+        for label in labels:
+            instruction = b.treatment if label == "prompted" else None
+            key = hashlib.sha256(json.dumps([base_id, label, tags[label], instruction, [it["id"] for it in items]])
+                                 .encode()).hexdigest()[:24]
+            if key not in cache:
+                model, tok = use(label)
+                cache[key] = mcq_accuracy(model, tok, items, instruction, ev.batch_size)
+                write_json(cache_path, cache)
+            models[label]["mcq_accuracy"] = cache[key]["accuracy"]
+            models[label]["mcq_accuracy_norm"] = cache[key]["accuracy_norm"]
+            models[label]["mcq_n"] = cache[key]["n"]
     metrics = {
         "behaviour": {"name": b.name, "scorer": b.scorer.name, "desired": b.scorer.desired, "unit": scorer.unit},
         "conditions": conditions,

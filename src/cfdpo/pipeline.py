@@ -147,9 +147,11 @@ def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft:
         ds = load_pairs(run.dir / "pairs" / v)
         out.append(train_dpo(run.model_path, ds, r.dpo, run.dir / "adapters" / v, merge, r.trust_remote_code, dtype))
     if sft:
-        src = next((v for v in ("enc", "contrastive") if v in r.variants), None)
+        # SFT targets: control prompt -> treatment answer (enc/contrastive pairs); with no treatment answers,
+        # the negation pairs' negative prompt -> control answer is the context-distillation analogue
+        src = next((v for v in ("enc", "contrastive", "negation") if v in r.variants), None)
         if src is None:
-            raise CfdpoError("the SFT baseline needs a variant whose chosen answer is the treatment answer (enc or contrastive)")
+            raise CfdpoError("the SFT baseline needs an enc, contrastive or negation variant (their chosen answers are its targets)")
         ds = load_pairs(run.dir / "pairs" / src)
         out.append(train_sft(run.model_path, ds, r.dpo, run.dir / "adapters" / "sft", merge, r.trust_remote_code, dtype))
     return out

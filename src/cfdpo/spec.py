@@ -108,6 +108,8 @@ class EvalSpec(_Strict):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     batch_size: int = Field(default=16, ge=1)
     samples: int = Field(default=3, ge=0, description="sample answers per model shown in the report")
+    mcq: bool = Field(default=False, description="also score the builtin multiple-choice set (capability retention)")
+    mcq_items: int = Field(default=179, ge=1, description="how many multiple-choice items (the first N of the set)")
 
 
 class Recipe(_Strict):

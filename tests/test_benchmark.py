@@ -1,0 +1,168 @@
+"""MCQ scoring on the tiny model, multi-behaviour pair union, benchmark aggregation, and a 2-seed tiny benchmark."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_recipe, write_recipe
+
+from cfdpo.benchmark import fmt_ms, mean_std, render_results, targets, union_pairs
+from cfdpo.evaluate import continuation_logprobs, load_mcq, mcq_accuracy, mcq_context
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    from cfdpo.models import load_model, load_tokenizer
+
+    return load_model(str(tiny_model), "float32"), load_tokenizer(str(tiny_model))
+
+
+def direct_logprob(model, tok, ctx: str, cont: str) -> float:
+    """One sequence, no padding, full logits: the reference the batched scorer must match."""
+    import torch
+
+    n_ctx = len(tok(ctx, add_special_tokens=False)["input_ids"])
+    full = tok(ctx + cont, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), -1)
+    return sum(float(logp[i - 1, full[i]]) for i in range(n_ctx, len(full)))
+
+
+def test_mcq_set_is_builtin_and_well_formed():
+    items = load_mcq()
+    assert len(items) >= 150
+    assert len({it["id"] for it in items}) == len(items)
+    for it in items:
+        assert len(it["choices"]) == 4 and 0 <= it["answer"] < 4
+    assert len(load_mcq(10)) == 10
+    assert mcq_context(items[0], "Be brief.").startswith("Be brief.\n\nQuestion: ")
+
+
+def test_batched_option_logprobs_match_direct_computation(tiny):
+    model, tok = tiny
+    items = load_mcq(6)
+    pairs = [(mcq_context(it), f" {c}") for it in items for c in it["choices"]]
+    batched = continuation_logprobs(model, tok, pairs, batch_size=5)  # mixed lengths, left padding
+    direct = [direct_logprob(model, tok, c, x) for c, x in pairs]
+    assert batched == pytest.approx(direct, abs=1e-3)
+    assert all(v < 0 for v in batched)
+
+
+def test_mcq_accuracy_picks_the_most_likely_option(tiny):
+    model, tok = tiny
+    items = load_mcq(8)
+    best, worst = [], []
+    for it in items:
+        lp = [direct_logprob(model, tok, mcq_context(it), f" {c}") for c in it["choices"]]
+        best.append({**it, "answer": max(range(4), key=lambda j: lp[j])})
+        worst.append({**it, "answer": min(range(4), key=lambda j: lp[j])})
+    assert mcq_accuracy(model, tok, best)["accuracy"] == 1.0
+    assert mcq_accuracy(model, tok, worst)["accuracy"] == 0.0
+    r = mcq_accuracy(model, tok, items, instruction="Answer plainly.")
+    assert r["n"] == 8 and 0.0 <= r["accuracy_norm"] <= 1.0
+
+
+def test_union_pairs_keeps_every_pair_tagged_and_shuffles_deterministically():
+    a = [{"prompt_id": f"a{i}", "chosen": "x"} for i in range(5)]
+    b = [{"prompt_id": f"b{i}", "chosen": "y"} for i in range(3)]
+    u = union_pairs({"pirate:negation": a, "concise:enc": b}, seed=1)
+    assert len(u) == 8
+    assert sorted(p["prompt_id"] for p in u) == sorted(p["prompt_id"] for p in a + b)
+    assert {p["source"] for p in u if p["prompt_id"].startswith("a")} == {"pirate:negation"}
+    assert union_pairs({"pirate:negation": a, "concise:enc": b}, seed=1) == u
+    assert [p["prompt_id"] for p in u] != [p["prompt_id"] for p in a + b]  # shuffled (fixed seed)
+
+
+def test_mean_std_formatting():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_std([None, float("nan")]) == (None, None)
+    assert fmt_ms([1.0, 2.0, 3.0]) == "2.00 ± 1.00"
+    assert fmt_ms([0.5], 3) == "0.500"
+    assert fmt_ms([None]) == "–"
+    assert fmt_ms([10.0, 12.0], 1) == "11.0 ± 1.4"
+
+
+def _fake_results() -> dict:
+    def run(recipe, seed, models, conds):
+        return {"recipe": recipe, "config": "plain", "seed": seed, "seconds": 10.0, "pairs": {},
+                "recipe_data": {"prompts": {"train_size": 4, "eval_size": 2}, "generation": {"samples": 1, "max_new_tokens": 8},
+                                "variants": ["negation"], "dpo": {"epochs": 1, "learning_rate": 0.001, "batch_size": 4},
+                                "evaluation": {"mcq_items": 10}},
+                "metrics": {"behaviour": {"name": recipe, "scorer": "lexicon", "desired": "lower", "unit": "u"},
+                            "conditions": conds, "models": models}}
+
+    def m(neg, words, nll, acc):
+        return {"control": {"score": 0.0, "mean_words": words}, "negative": {"score": neg, "mean_words": words},
+                "nll_ratio": nll, "mcq_accuracy": acc, "mcq_accuracy_norm": acc}
+
+    return {"command": "cfdpo benchmark x", "seeds": 2, "runs": [
+        run("pirate", 0, {"base": m(2.0, 30, 1.0, 0.50), "prompted": m(1.0, 30, 1.1, 0.50), "negation": m(0.1, 30, 1.02, 0.49)}, ["control", "negative"]),
+        run("pirate", 1, {"base": m(2.0, 30, 1.0, 0.50), "prompted": m(1.0, 30, 1.1, 0.50), "negation": m(0.3, 30, 1.08, 0.45)}, ["control", "negative"]),
+    ]}
+
+
+def test_targets_say_met_or_missed_and_by_how_much():
+    t = {x["target"]: x for x in targets(_fake_results())}
+    neg = t["pirate negation: score under the negative instruction ≤ 10% of base's"]
+    assert neg["met"] is True and "10% of base" in neg["value"]  # mean 0.2 vs 2.0
+    nll = t["pirate/plain/negation: nll_ratio ≤ 1.05"]
+    assert nll["met"] is True and nll["value"] == "1.050"
+    acc = t["pirate/plain/negation: MCQ accuracy within 2 points of base"]
+    assert acc["met"] is False and "(-3.0)" in acc["value"] and acc["gap"] == "+1.0 points"
+
+
+def test_render_results_has_command_sizes_and_mean_std(tmp_path):
+    from cfdpo.benchmark import Plan
+
+    res = _fake_results()
+    text = render_results(res, Plan({}, 2, tmp_path, tmp_path), [])
+    assert "cfdpo benchmark x" in text and "## Sizes" in text and "## pirate" in text
+    assert "| `negation` | 0.00 ± 0.00 | 0.20 ± 0.14 |" in text
+
+
+def test_benchmark_end_to_end_tiny_model(tiny_model, tmp_path):
+    from cfdpo.cli import main
+
+    small = {"prompts": {"source": "general", "train_size": 4, "eval_size": 2, "seed": 1},
+             "generation": {"samples": 1, "max_new_tokens": 6, "temperature": 0.8, "batch_size": 8},
+             "evaluation": {"max_new_tokens": 6, "batch_size": 8, "samples": 1, "mcq_items": 8}}
+    pirate = tiny_recipe(tiny_model, variants=["negation"], **small)
+    pirate["behaviour"]["scorer"] = {"name": "length", "desired": "lower"}  # random-model answers rarely say "arr"
+    pirate = write_recipe(tmp_path / "pirate.yaml", pirate)
+    concise = tiny_recipe(tiny_model, variants=["enc"], **small)
+    concise["behaviour"] = {"name": "concise", "treatment": "Answer in one short sentence.",
+                            "scorer": {"name": "length", "desired": "lower"}}
+    concise = write_recipe(tmp_path / "concise.yaml", concise)
+    out, docs = tmp_path / "bench", tmp_path / "docs"
+    args = ["benchmark", str(pirate), str(concise), "--seeds", "2", "--out", str(out), "--docs", str(docs),
+            "--samples", "2", "--pair-quality", "pirate:negation"]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    configs = sorted((r["recipe"], r["config"], r["seed"]) for r in res["runs"])
+    assert configs == sorted([(n, "plain", s) for n in ("pirate", "concise") for s in (0, 1)]
+                             + [("pirate", c, s) for c in ("filter", "bestofk") for s in (0, 1)])
+    for r in res["runs"]:
+        models = r["metrics"]["models"]
+        assert all(0.0 <= m["mcq_accuracy"] <= 1.0 for m in models.values())
+        if r["config"] == "plain":
+            assert set(models) == {"base", "prompted", "sft", r["recipe_data"]["variants"][0], "multi"}
+        assert r["recipe_data"]["prompts"]["seed"] == 1 and r["recipe_data"]["dpo"]["seed"] == r["seed"]
+    # the held-out prompts are the same for every seed; greedy base answers are shared, not regenerated
+    ids = {tuple(r["metrics"]["eval_prompt_ids"]) for r in res["runs"] if r["recipe"] == "pirate"}
+    assert len(ids) == 1
+    base_scores = {r["metrics"]["models"]["base"]["negative"]["score"] for r in res["runs"] if r["recipe"] == "pirate"}
+    assert len(base_scores) == 1
+    assert (out / "pirate" / "seed1-bestofk" / "pairs" / "negation" / "stats.json").is_file()
+    best = json.loads((out / "pirate" / "seed0-bestofk" / "pairs" / "negation" / "stats.json").read_text())
+    assert best["best_of_k"] is True and best["count"] <= 4
+    text = (docs / "RESULTS.md").read_text()
+    assert "cfdpo benchmark" in text or "Generated by" in text
+    assert "±" in text and "## Pair quality" in text and "## Several behaviours in one adapter" in text
+    assert (docs / "benchmark_scores.png").read_bytes()[:4] == b"\x89PNG"
+    # regenerating RESULTS.md keeps a hand-written discussion
+    from cfdpo.benchmark import Plan, write_results
+
+    (docs / "RESULTS.md").write_text(text + "\n## Discussion\n\nkept\n")
+    write_results(res, Plan({}, 2, out, docs))
+    assert (docs / "RESULTS.md").read_text().endswith("## Discussion\n\nkept\n")
