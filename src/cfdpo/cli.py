@@ -47,9 +47,22 @@ def recipe_path(value: str) -> Path:
 
 
 def _open(run_dir: Path, recipe: Optional[str]):
+    return _open_with(run_dir, recipe, None)
+
+
+TrustOpt = typer.Option(
+    False, "--trust-remote-code",
+    help="allow the model's own Python code to run (needed when the recipe sets trust_remote_code: true)",
+)
+
+
+def _open_with(run_dir: Path, recipe: Optional[str], trust: bool | None, resume: bool = True):
     from cfdpo.pipeline import open_run
 
-    return open_run(run_dir, recipe_path(recipe) if recipe else None)
+    r = open_run(run_dir, recipe_path(recipe) if recipe else None, trust_remote_code=trust, resume=resume)
+    if trust:
+        console.print("note: --trust-remote-code: the model's own code may run", highlight=False)
+    return r
 
 
 @app.command()
@@ -57,22 +70,25 @@ def run(
     recipe: str = RecipeArg, out: Path = OutOpt,
     merge: bool = typer.Option(False, help="also save merged models"),
     sft: bool = typer.Option(False, help="also train the SFT context-distillation baseline"),
-    resume: bool = typer.Option(True, help="reuse what the run directory already has (always safe: outputs are keyed)"),
+    resume: bool = typer.Option(
+        True, help="continue a run directory that has results (answers, checkpoints and adapters are reused); "
+        "--no-resume refuses such a directory"),
+    trust_remote_code: bool = TrustOpt,
 ):
     """Run the whole pipeline from one recipe: generate, pairs, train, evaluate, report."""
     from cfdpo.pipeline import run_all
 
-    r = _open(out, recipe)
+    r = _open_with(out, recipe, trust_remote_code, resume)
     path = run_all(r, merge=merge, sft=sft)
     console.print(f"[green]report:[/green] {path}")
 
 
 @app.command()
-def generate(run_dir: Path = RunDirArg, recipe: Optional[str] = RecipeOpt):
+def generate(run_dir: Path = RunDirArg, recipe: Optional[str] = RecipeOpt, trust_remote_code: bool = TrustOpt):
     """Answer control / treatment / negative prompts into answers.jsonl (cached, resumable)."""
     from cfdpo.pipeline import generate as gen
 
-    n = gen(_open(run_dir, recipe))
+    n = gen(_open_with(run_dir, recipe, trust_remote_code))
     console.print(f"generated {n} new answers -> {run_dir / 'answers.jsonl'}")
 
 
@@ -91,20 +107,21 @@ def train(
     variant: Optional[list[str]] = typer.Option(None, "--variant", "-v", help="train only these variants"),
     merge: bool = typer.Option(False, help="also save a merged model under adapters/<variant>/merged"),
     sft: bool = typer.Option(False, help="also train the SFT context-distillation baseline"),
+    trust_remote_code: bool = TrustOpt,
 ):
     """Train a LoRA adapter per variant with TRL's DPOTrainer into adapters/<variant>/."""
     from cfdpo.pipeline import train as tr
 
-    for p in tr(_open(run_dir, recipe), variant or None, merge=merge, sft=sft):
+    for p in tr(_open_with(run_dir, recipe, trust_remote_code), variant or None, merge=merge, sft=sft):
         console.print(f"adapter -> {p}")
 
 
 @app.command()
-def evaluate(run_dir: Path = RunDirArg, recipe: Optional[str] = RecipeOpt):
+def evaluate(run_dir: Path = RunDirArg, recipe: Optional[str] = RecipeOpt, trust_remote_code: bool = TrustOpt):
     """Evaluate base, prompted and trained models on held-out prompts into metrics.json."""
     from cfdpo.pipeline import evaluate as ev
 
-    ev(_open(run_dir, recipe))
+    ev(_open_with(run_dir, recipe, trust_remote_code))
     console.print(f"metrics -> {run_dir / 'metrics.json'}")
 
 
@@ -113,7 +130,9 @@ def report(run_dir: Path = RunDirArg):
     """Write report.md, report.html and plots from metrics.json."""
     from cfdpo.report import write_report
 
-    console.print(f"report -> {write_report(run_dir)}")
+    from cfdpo.dist import on_main
+
+    console.print(f"report -> {on_main(lambda: write_report(run_dir))}")
 
 
 @app.command()
@@ -123,6 +142,35 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run di
 
     path = run_all(_open(out, "pirate"))
     console.print(f"[green]report:[/green] {path}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def launch(
+    ctx: typer.Context,
+    config: str = typer.Argument(..., help="accelerate config: ddp, zero2, zero3, fsdp (shipped) or a YAML file"),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", "-n", help="override the config's num_processes"),
+):
+    """Run a cfdpo command on several GPUs with `accelerate launch`: cfdpo launch ddp run RECIPE --out DIR."""
+    import subprocess
+
+    from cfdpo.dist import accelerate_config
+
+    path, cfg = accelerate_config(config)
+    if not ctx.args:
+        raise CfdpoError("launch: give the cfdpo command to run, e.g. `cfdpo launch ddp run RECIPE --out DIR`")
+    n = num_processes or cfg.get("num_processes", 1)
+    if n < 1:
+        raise CfdpoError(f"--num-processes: expected a positive integer, got {n}")
+    if cfg["distributed_type"] in ("MULTI_GPU", "DEEPSPEED", "FSDP") and not cfg.get("use_cpu"):
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus < n:
+            raise CfdpoError(f"{path}: asks for {n} GPU processes but this machine has {gpus} GPUs; "
+                             f"pass --num-processes {gpus}" if gpus else f"{path}: needs GPUs and this machine has none")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), "--num_processes", str(n),
+           "-m", "cfdpo", *ctx.args]
+    raise SystemExit(subprocess.call(cmd))
 
 
 @app.command()
@@ -158,6 +206,10 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cfdpo import dist
+
+    if not dist.is_main():
+        console.quiet = True  # rank 0 speaks for all
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -168,24 +220,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except CfdpoError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        if not isinstance(e, dist.MainProcessError):  # rank 0's own errors are printed by rank 0
+            console.quiet = False
+            where = f"rank {dist.rank()}: " if not dist.is_main() else ""
+            _error(f"{where}{e}")
         return 2
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        console.print(f"[red]error:[/red] {where}{e.strerror or e}", highlight=False, soft_wrap=True)
+        _error(f"{where}{e.strerror or e}")
         return 2
     except KeyboardInterrupt:
         console.print("interrupted; rerun the same command to resume")
         return 130
     except SystemExit as e:
         return int(e.code or 0)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
+    except Exception as e:  # click usage errors (typer >= 0.20 vendors click, so match by name)
+        kinds = {k.__name__ for k in type(e).__mro__}
+        if "ClickException" in kinds:  # usage errors: one line too
+            hint = " (see cfdpo --help)" if "UsageError" in kinds else ""
+            _error(f"{e.format_message()}{hint}")
             return 2
-        if isinstance(e, click.exceptions.Abort):
+        if "Abort" in kinds:
             return 130
         raise
     return 0

@@ -91,6 +91,9 @@ def resolve_model(model: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CfdpoError(f"model '{model}': directory has no config.json; expected a Hugging Face checkpoint")
+        if not any(path.glob("*.safetensors")):
+            raise CfdpoError(f"model '{model}': no .safetensors weights; cfdpo loads weights only from safetensors "
+                             "(convert with save_pretrained(..., safe_serialization=True))")
         return str(path)
     if path.exists():
         raise CfdpoError(f"model '{model}': not a directory or .gguf file")
@@ -100,6 +103,11 @@ def resolve_model(model: str) -> str:
             f"model '{model}': not found; expected one of {', '.join(BUILTIN)}, a local checkpoint directory, "
             "a .gguf file or a hub id like org/name"
         )
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(model, "config.json"), str):
+        raise CfdpoError(f"model '{model}': not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                         "download it first or pass a local checkpoint directory")
     return model
 
 

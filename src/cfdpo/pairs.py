@@ -13,13 +13,14 @@ conversational preference format plus `stats.json`.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 from cfdpo.errors import CfdpoError
-from cfdpo.runio import write_json
+from cfdpo.runio import recover_dir, replace_dir, write_json
 from cfdpo.scorers import Scorer
 from cfdpo.scorers.base import words
 
@@ -110,6 +111,8 @@ def write_pairs(pairs: list[dict], out_dir: str | Path, stats: dict) -> Path:
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if _same_pairs(out, pairs, stats):
+        return out  # a rerun: leave the dataset (and the trainer's cache beside it) alone
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         columns = ["prompt", "chosen", "rejected", "prompt_id", "sample", "chosen_key", "rejected_key"]
@@ -118,21 +121,32 @@ def write_pairs(pairs: list[dict], out_dir: str | Path, stats: dict) -> Path:
         )
         ds.save_to_disk(str(tmp / "data"))
         write_json(tmp / "data" / "stats.json", stats)
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.rename(old)
-        (tmp / "data").rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp / "data", out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _same_pairs(out: Path, pairs: list[dict], stats: dict) -> bool:
+    recover_dir(out)
+    try:
+        if json.loads((out / "stats.json").read_text(encoding="utf-8")) != json.loads(json.dumps(stats)):
+            return False
+        ds = load_pairs(out)
+        cols = ["prompt_id", "sample", "chosen_key", "rejected_key"]
+        return ds.select_columns(cols).to_list() == [{c: p[c] for c in cols} for p in pairs]
+    except (OSError, ValueError, CfdpoError):
+        return False
 
 
 def load_pairs(pairs_dir: str | Path):
     from datasets import load_from_disk
 
     p = Path(pairs_dir)
+    recover_dir(p)
     if not (p / "state.json").is_file():
         raise CfdpoError(f"{p}: no pairs dataset here; run `cfdpo pairs` first")
-    return load_from_disk(str(p))
+    try:
+        return load_from_disk(str(p))
+    except Exception as e:  # noqa: BLE001 - any reader failure means a damaged dataset
+        raise CfdpoError(f"{p}: cannot read the pairs dataset ({type(e).__name__}); rerun `cfdpo pairs`") from None

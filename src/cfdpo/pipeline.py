@@ -13,10 +13,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
+from cfdpo import dist
 from cfdpo.errors import CfdpoError
-from cfdpo.runio import write_atomic
+from cfdpo.runio import write_atomic, write_json
 from cfdpo.spec import Recipe, dump_recipe, load_recipe
 
 
@@ -33,7 +35,8 @@ class Run:
         if self._model_path is None:
             from cfdpo.models import resolve_model
 
-            self._model_path = resolve_model(self.recipe.model)
+            # rank 0 first: a GGUF model is converted into the cache once
+            self._model_path = dist.on_main(lambda: resolve_model(self.recipe.model))
         return self._model_path
 
     def split(self) -> tuple[list[dict], list[dict]]:
@@ -43,38 +46,92 @@ class Run:
         return split(load_prompts(p.source, p.column), p.train_size, p.eval_size, p.seed)
 
 
-def open_run(run_dir: str | Path, recipe_path: str | Path | None = None) -> Run:
-    """Bind a run directory to a recipe: a new one gets `recipe.yaml`; an existing one must match."""
+OUTPUTS = ("answers.jsonl", "pairs", "adapters", "eval", "metrics.json", "report.md", "report.html")
+
+
+def open_run(
+    run_dir: str | Path, recipe_path: str | Path | None = None, trust_remote_code: bool | None = False,
+    resume: bool = True,
+) -> Run:
+    """Bind a run directory to a recipe: a new one gets `recipe.yaml` and `manifest.json`; an existing one must match.
+
+    Everything is checked before anything is written: the recipe, the prompt file and split, the
+    model, the manifest's inputs, links leading out of the directory, and that it is writable.
+    `trust_remote_code` is the user's consent to run a model's own code; a recipe that asks for it
+    is refused without that consent (None: a stage that loads no model). `resume=False` refuses a directory that already has outputs.
+    On several processes rank 0 checks and writes; the others get its Run (or its error).
+    """
+    return dist.on_main(lambda: _open_run(run_dir, recipe_path, trust_remote_code, resume))
+
+
+def _open_run(run_dir: str | Path, recipe_path: str | Path | None, trust_remote_code: bool | None, resume: bool) -> Run:
+    from cfdpo import manifest
+
     d = Path(run_dir)
     saved = d / "recipe.yaml"
+    if d.exists() and not d.is_dir():
+        raise CfdpoError(f"{d}: exists and is not a directory; expected a run directory")
     if recipe_path is None:
         if not saved.is_file():
             raise CfdpoError(f"{d}: no recipe.yaml in the run directory; pass --recipe RECIPE.yaml")
-        return Run(d, load_recipe(saved))
-    recipe = load_recipe(recipe_path)
-    if d.exists() and not d.is_dir():
-        raise CfdpoError(f"{d}: exists and is not a directory; expected a run directory")
-    if saved.is_file():
-        old = load_recipe(saved)
-        if old.digest() != recipe.digest():
-            changed = [k for k in type(recipe).model_fields if getattr(old, k) != getattr(recipe, k)]
-            raise CfdpoError(
-                f"{d}: run directory was written by another recipe (differs in: {', '.join(changed)}); "
-                "use a new --out directory"
-            )
-        return Run(d, recipe)
+        recipe = load_recipe(saved)
+    else:
+        recipe = load_recipe(recipe_path)
+        if saved.is_file():
+            old = load_recipe(saved)
+            if old.digest() != recipe.digest():
+                changed = [k for k in type(recipe).model_fields if getattr(old, k) != getattr(recipe, k)]
+                raise CfdpoError(
+                    f"{d}: run directory was written by another recipe (differs in: {', '.join(changed)}); "
+                    "use a new --out directory"
+                )
+    if not resume:
+        found = [name for name in OUTPUTS if (d / name).exists()]
+        if found:
+            raise CfdpoError(f"{d}: already has results ({', '.join(found)}) and --no-resume was given; use a new --out directory")
+    if recipe.trust_remote_code and trust_remote_code is False:
+        raise CfdpoError(
+            "recipe asks for trust_remote_code: true, which runs Python code shipped with the model; "
+            "pass --trust-remote-code to allow it"
+        )
+    _check_links(d)
+    run = Run(d, recipe.model_copy(update={"trust_remote_code": bool(trust_remote_code)}))
+    run.split()  # the prompt file and the split sizes are valid
+    saved_manifest = manifest.check(d, recipe, run.model_path)
     try:
         d.mkdir(parents=True, exist_ok=True)
-        if not os.access(d, os.W_OK):
-            raise PermissionError
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CfdpoError(f"{d}: output directory is not writable ({e.strerror}); expected a directory you can write to") from None
+    if not saved.is_file():
         write_atomic(saved, dump_recipe(recipe))
-    except PermissionError:
-        raise CfdpoError(f"{d}: output directory is not writable") from None
-    return Run(d, recipe)
+    if saved_manifest is None:
+        write_json(d / manifest.NAME, manifest.build(recipe, run.model_path))
+    return run
+
+
+def _check_links(d: Path) -> None:
+    """Refuse a run directory whose files or folders are links to places outside it."""
+    if not d.is_dir():
+        return
+    root = d.resolve()
+    for dirpath, dirnames, filenames in os.walk(d):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if p.is_symlink() and not p.resolve().is_relative_to(root):
+                raise CfdpoError(
+                    f"{p}: is a link to {p.resolve()}, outside the run directory; expected plain files inside {d}"
+                )
 
 
 def generate(run: Run) -> int:
-    """Answer the control / treatment / negative versions of the training prompts."""
+    """Answer the control / treatment / negative versions of the training prompts.
+
+    On several processes each rank answers its share into a shard file and rank 0 merges the
+    shards into answers.jsonl (see `cfdpo.dist`). Returns how many answers were added.
+    """
     from cfdpo.generate import GenParams, answers_path, plan_rows, resolve_dtype, run_generation
     from cfdpo.models import load_model, load_tokenizer, model_id
     from cfdpo.runio import JsonlLog
@@ -84,9 +141,17 @@ def generate(run: Run) -> int:
     g = r.generation
     train, _ = run.split()
     path = run.model_path
-    rows = plan_rows(train, r.needed_conditions(), r.behaviour, g.samples, model_id(path),
-                     GenParams(g.max_new_tokens, g.temperature, g.top_p), g.seed)
-    log = JsonlLog(answers_path(run.dir))
+    rows = rows_all = plan_rows(train, r.needed_conditions(), r.behaviour, g.samples, model_id(path),
+                                GenParams(g.max_new_tokens, g.temperature, g.top_p), g.seed)
+    ap = answers_path(run.dir)
+    added = dist.on_main(lambda: dist.merge_shards(ap, rows_all))  # a crashed multi-process run's shards
+    w, rank = dist.world(), dist.rank()
+    if w == 1:
+        log = JsonlLog(ap)
+    else:
+        done = JsonlLog(ap).keys()
+        rows = [row for row in dist.shard_rows(rows, rank, w) if row["key"] not in done]
+        log = JsonlLog(dist.shard_path(ap, rank, w))
     set_threads()
 
     def loader():
@@ -94,15 +159,30 @@ def generate(run: Run) -> int:
         if g.backend == "vllm":
             from cfdpo.vllm_backend import VllmGenerator
 
-            return VllmGenerator(path, resolve_dtype(g.dtype), r.trust_remote_code, g.seed), tok
+            return VllmGenerator(path, resolve_dtype(g.dtype), r.trust_remote_code, g.seed + 7919 * rank), tok
         tok.padding_side = "left"
-        return load_model(path, resolve_dtype(g.dtype), r.trust_remote_code), tok
+        return load_model(path, resolve_dtype(g.dtype), r.trust_remote_code).to(dist.device()), tok
 
-    return run_generation(rows, log, loader, batch_size=g.batch_size, seed=g.seed, label="generate")
+    n = run_generation(rows, log, loader, batch_size=g.batch_size, seed=g.seed + 7919 * rank, label="generate")
+    if w > 1:
+        n += dist.on_main(lambda: dist.merge_shards(ap, rows_all))
+    _done(run, "generate")
+    return added + n
+
+
+def _done(run: Run, stage: str) -> None:
+    """Record the finished stage in manifest.json (rank 0)."""
+    from cfdpo.manifest import record_stage
+
+    dist.on_main(lambda: record_stage(run.dir, stage))
 
 
 def build_pairs(run: Run) -> dict[str, dict]:
-    """Build every variant's pairs from answers.jsonl; returns the stats per variant."""
+    """Build every variant's pairs from answers.jsonl; returns the stats per variant (rank 0 writes)."""
+    return dist.on_main(lambda: _build_pairs(run))
+
+
+def _build_pairs(run: Run) -> dict[str, dict]:
     from cfdpo.generate import answers_path
     from cfdpo.pairs import build_pairs as build, pair_stats, write_pairs
     from cfdpo.runio import JsonlLog
@@ -124,6 +204,7 @@ def build_pairs(run: Run) -> dict[str, dict]:
         stats.update(filter=r.pairs.filter, best_of_k=r.pairs.best_of_k, variant=v)
         write_pairs(pairs, run.dir / "pairs" / v, stats)
         out[v] = stats
+    _done(run, "pairs")
     return out
 
 
@@ -137,39 +218,63 @@ def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft:
     unknown = [v for v in todo if v not in r.variants]
     if unknown:
         raise CfdpoError(f"variant '{unknown[0]}' is not in this recipe's variants ({', '.join(r.variants)})")
+    if merge and dist.sharded_weights():
+        raise CfdpoError("--merge needs the whole model on one process; under ZeRO-3 / FSDP train without it "
+                         "(or use the ddp / zero2 accelerate config)")
     set_threads()
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
-    dtype = "float32"
+    # the frozen base in bf16 on GPUs when the recipe trains in bf16 (PEFT keeps the adapter in fp32)
+    import torch
+
+    dtype = "bfloat16" if r.dpo.bf16 and torch.cuda.is_available() else "float32"
+    # SFT targets: control prompt -> treatment answer (enc/contrastive pairs); with no treatment answers,
+    # the negation pairs' negative prompt -> control answer is the context-distillation analogue
+    src = next((v for v in ("enc", "contrastive", "negation") if v in r.variants), None)
+    if sft and src is None:
+        raise CfdpoError("the SFT baseline needs an enc, contrastive or negation variant (their chosen answers are its targets)")
     out = []
     for v in todo:
         ds = load_pairs(run.dir / "pairs" / v)
         out.append(train_dpo(run.model_path, ds, r.dpo, run.dir / "adapters" / v, merge, r.trust_remote_code, dtype))
     if sft:
-        # SFT targets: control prompt -> treatment answer (enc/contrastive pairs); with no treatment answers,
-        # the negation pairs' negative prompt -> control answer is the context-distillation analogue
-        src = next((v for v in ("enc", "contrastive", "negation") if v in r.variants), None)
-        if src is None:
-            raise CfdpoError("the SFT baseline needs an enc, contrastive or negation variant (their chosen answers are its targets)")
         ds = load_pairs(run.dir / "pairs" / src)
         out.append(train_sft(run.model_path, ds, r.dpo, run.dir / "adapters" / "sft", merge, r.trust_remote_code, dtype))
+    _done(run, "train")
     return out
 
 
 def evaluate(run: Run) -> dict:
+    """Evaluate on rank 0 (the other ranks wait)."""
+    return dist.on_main(lambda: _evaluate(run))
+
+
+def _evaluate(run: Run) -> dict:
     from cfdpo.evaluate import evaluate_run
     from cfdpo.train import set_threads
 
     set_threads()
     _, held_out = run.split()
-    return evaluate_run(run.dir, run.recipe, run.model_path, held_out)
+    check_adapters(run.dir / "adapters")
+    metrics = evaluate_run(run.dir, run.recipe, run.model_path, held_out)
+    _done(run, "evaluate")
+    return metrics
+
+
+def check_adapters(root: Path) -> None:
+    """Adapters are loaded from safetensors only: refuse one that has only pickled weights."""
+    for cfg in sorted(root.glob("*/adapter_config.json")):
+        if not (cfg.parent / "adapter_model.safetensors").is_file():
+            raise CfdpoError(f"{cfg.parent}: no adapter_model.safetensors; cfdpo loads adapter weights only from safetensors")
 
 
 def report(run: Run) -> Path:
     from cfdpo.report import write_report
 
-    return write_report(run.dir)
+    path = dist.on_main(lambda: write_report(run.dir))
+    _done(run, "report")
+    return path
 
 
 def run_all(run: Run, merge: bool = False, sft: bool = False) -> Path:

@@ -85,7 +85,9 @@ def load_prompts(source: str, column: str = "prompt") -> list[dict]:
         if column not in row:
             raise CfdpoError(f"{where}: row {i} has no '{column}' field; expected a '{column}' column")
         prompt = row[column]
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(prompt, str):
+            raise CfdpoError(f"{where}: row {i}: '{column}' is {type(prompt).__name__}; expected text")
+        if not prompt.strip():
             raise CfdpoError(f"{where}: row {i}: '{column}' is empty; expected non-empty text")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise CfdpoError(f"{where}: row {i}: prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 from pathlib import Path
 
+from cfdpo.errors import CfdpoError
 from cfdpo.runio import JsonlLog, read_json, write_atomic
 
 MODEL_NOTES = {
@@ -52,6 +54,23 @@ def table_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_atomic(path, buf.getvalue())
+
+
+def check_metrics(metrics, where: Path) -> dict:
+    """metrics.json as `evaluate` writes it, or a one-line error."""
+    ok = (isinstance(metrics, dict) and isinstance(metrics.get("models"), dict) and metrics["models"]
+          and all(isinstance(m, dict) for m in metrics["models"].values())
+          and isinstance(metrics.get("behaviour"), dict)
+          and all(isinstance(metrics["behaviour"].get(k), str) for k in ("name", "scorer", "desired")))
+    if not ok:
+        raise CfdpoError(f"{where}: not the metrics cfdpo writes (expected 'behaviour' and 'models'); rerun `cfdpo evaluate`")
+    return metrics
+
+
 def plot(metrics: dict, out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -75,7 +94,7 @@ def plot(metrics: dict, out_dir: Path) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     p = out_dir / "score.png"
-    fig.savefig(p, dpi=110)
+    _save(fig, p)
     plt.close(fig)
     paths.append(p)
 
@@ -87,7 +106,7 @@ def plot(metrics: dict, out_dir: Path) -> list[Path]:
     ax.set_title("capability retention: NLL of base answers")
     fig.tight_layout()
     p = out_dir / "nll_ratio.png"
-    fig.savefig(p, dpi=110)
+    _save(fig, p)
     plt.close(fig)
     paths.append(p)
     return paths
@@ -139,44 +158,65 @@ def render_md(metrics: dict, sample_rows: list[dict], plots: list[Path], run_dir
     return "\n".join(lines) + "\n"
 
 
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"  # nothing is fetched, nothing runs
+
+
 def render_html(metrics: dict, sample_rows: list[dict], plots: list[Path]) -> str:
+    """One self-contained page: metrics table, plots as data: URIs, and the sample answers side by side."""
     b = metrics["behaviour"]
     head, rows = table_rows(metrics)
     e = html.escape
     table = "<table id='metrics'><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>"
     table += "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows) + "</tbody></table>"
+    notes = "".join(f"<li><b>{e(n)}</b>: {e(MODEL_NOTES.get(n, 'trained adapter'))}</li>" for n in metrics["models"])
     imgs = "".join(
         f"<figure><img class='plot' alt='{e(p.stem)}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
         f"<figcaption>{e(p.stem)}</figcaption></figure>"
         for p in plots
     )
     names = list(metrics["models"])
-    sample_html = ""
-    for s in sample_rows:
-        cells = "".join(
-            f"<div class='ans'><h4>{e(n)}</h4><p>{e(s['answers'].get(n, ''))}</p></div>" for n in names if n in s["answers"]
+    shown = [n for n in names if any(n in s["answers"] for s in sample_rows)]
+    samples_html = ""
+    if sample_rows:
+        samples_html = (
+            "<table id='samples'><thead><tr><th>prompt</th>" + "".join(f"<th>{e(n)}</th>" for n in shown)
+            + "</tr></thead><tbody>"
+            + "".join(
+                f"<tr><td class='prompt'><span class='cond'>{e(s['condition'])}</span> {e(s['prompt'])}</td>"
+                + "".join(f"<td>{e(s['answers'].get(n, ''))}</td>" for n in shown) + "</tr>"
+                for s in sample_rows
+            )
+            + "</tbody></table>"
         )
-        sample_html += f"<section class='sample'><p class='prompt'><b>{e(s['condition'])} prompt:</b> {e(s['prompt'])}</p><div class='grid'>{cells}</div></section>"
+    else:
+        samples_html = "<p>No sample answers (eval/answers.jsonl is missing or evaluation.samples is 0).</p>"
     css = (
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:4px 10px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}th{background:#eee}img.plot{max-width:100%}"
-        ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:8px}"
-        ".ans{border:1px solid #ddd;padding:6px;font-size:0.9em}.ans h4{margin:0 0 4px}"
+        "body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 10px;vertical-align:top}"
+        "#metrics td,#metrics th{text-align:right}#metrics td:first-child,#metrics th:first-child{text-align:left}"
+        "th{background:#eee}img.plot{max-width:100%;border:1px solid #ddd}figure{margin:1em 0}"
+        "#samples{table-layout:fixed;width:100%;font-size:0.9em}#samples td{white-space:pre-wrap;overflow-wrap:anywhere}"
+        "#samples td.prompt{background:#f7f7f7}.cond{display:inline-block;background:#dde;border-radius:3px;"
+        "padding:0 4px;font-size:0.8em;margin-right:4px}"
     )
+    data = json.dumps(metrics["models"]).replace("</", "<\\/")
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>cfdpo report: {e(b['name'])}</title>"
-        f"<style>{css}</style></head><body><h1>cfdpo report: {e(b['name'])}</h1>"
+        f"<!doctype html><html><head><meta charset='utf-8'>"
+        f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">"
+        f"<title>cfdpo report: {e(b['name'])}</title><style>{css}</style></head><body>"
+        f"<h1>cfdpo report: {e(b['name'])}</h1>"
         f"<p>Scorer <code>{e(b['scorer'])}</code>; <b>{e(b['desired'])}</b> is better; "
-        f"{e(str(metrics.get('n_eval_prompts', '?')))} held-out prompts.</p>{table}{imgs}"
-        f"<h2>Sample answers</h2>{sample_html}<script type='application/json' id='metrics-json'>"
-        f"{e(json.dumps(metrics['models']))}</script></body></html>"
+        f"{e(str(metrics.get('n_eval_prompts', '?')))} held-out prompts. <code>nll_ratio</code>: NLL of the base "
+        f"model's held-out answers under each model, relative to the base model (lower = closer to base).</p>"
+        f"{table}<ul class='notes'>{notes}</ul>{imgs}"
+        f"<h2>Sample answers, side by side</h2>{samples_html}"
+        f"<script type='application/json' id='metrics-json'>{data}</script></body></html>"
     )
 
 
 def write_report(run_dir: str | Path, n_samples: int | None = None) -> Path:
     run = Path(run_dir)
-    metrics = read_json(run / "metrics.json")
+    metrics = check_metrics(read_json(run / "metrics.json"), run / "metrics.json")
     if n_samples is None:
         try:
             from cfdpo.spec import load_recipe

@@ -3,12 +3,16 @@
 - `write_atomic` / `write_json`: temporary file in the same directory, fsync, rename.
 - `JsonlLog`: append-only JSONL; on open, an incomplete or corrupt last line (a killed writer)
   is cut off, so every row that is there was written whole.
+- `replace_dir`: swap a finished directory (written aside) into place; `recover_dir` undoes a
+  swap that a kill cut in half.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     raw = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _mode(path))  # mkstemp makes 0600; give the file the mode a plain open() would
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
@@ -30,6 +35,15 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -98,3 +112,37 @@ class JsonlLog:
             f.flush()
             os.fsync(f.fileno())
         self.rows.extend(rows)
+
+
+def replace_dir(src: str | Path, dst: str | Path) -> None:
+    """Move the finished directory `src` to `dst`, replacing `dst` if it is there.
+
+    The old copy is first renamed to `.<name>.old`; if a kill falls between the two renames,
+    `recover_dir(dst)` puts the old copy back, so `dst` is always either the old or the new one.
+    """
+    src, dst = Path(src), Path(dst)
+    old = dst.with_name(f".{dst.name}.old")
+    recover_dir(dst)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(dst: str | Path) -> None:
+    """Undo a `replace_dir` that was killed between its two renames."""
+    dst = Path(dst)
+    old = dst.with_name(f".{dst.name}.old")
+    if old.is_dir():
+        if dst.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, dst)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -99,6 +99,7 @@ class DPOSpec(_Strict):
     lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
     bf16: bool | None = Field(default=None, description="bf16 mixed precision; unset: where the hardware has bf16")
     precompute_ref_log_probs: bool = False
+    save_steps: int = Field(default=50, ge=1, description="checkpoint every N steps so a killed run resumes there")
     seed: int = 0
 
 
@@ -169,7 +170,7 @@ def _format_validation_error(err: ValidationError, where: str) -> str:
     msg = msg.removeprefix("Value error, ")
     more = len(err.errors()) - 1
     tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"{where}: {loc}: {msg}{tail}"
+    return " ".join(f"{where}: {loc}: {msg}{tail}".splitlines())  # one line, whatever the keys hold
 
 
 def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
@@ -179,23 +180,51 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as err:
         raise CfdpoError(_format_validation_error(err, where)) from None
+    except RecursionError:
+        raise CfdpoError(f"{where}: nested too deeply; expected a recipe mapping") from None
+
+
+class _Loader(yaml.SafeLoader):
+    """`yaml.safe_load`, except that a key given twice in one mapping is an error (not: the last one wins)."""
+
+
+def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            pass
+    return loader.construct_mapping(node, deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+MAX_RECIPE_BYTES = 1_000_000
 
 
 def load_recipe(path: str | Path) -> Recipe:
     p = Path(path)
     if not p.is_file():
         raise CfdpoError(f"{p}: recipe file not found")
+    raw = p.read_bytes()
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise CfdpoError(f"{p}: {len(raw)} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes of YAML")
     try:
-        text = p.read_bytes().decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CfdpoError(f"{p}: not valid UTF-8 (byte {e.start}); save the recipe as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise CfdpoError(f"{p}:{line}: invalid YAML: {problem}") from None
+        problem = getattr(e, "problem", None) or (str(e).splitlines() or ["unreadable"])[0]
+        raise CfdpoError(" ".join(f"{p}:{line}: invalid YAML: {problem}".splitlines())) from None
+    except RecursionError:
+        raise CfdpoError(f"{p}: invalid YAML: nested too deeply") from None
     return parse_recipe(data, str(p))
 
 

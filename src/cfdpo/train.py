@@ -3,17 +3,28 @@
 The DPO reference is the base model with the adapter disabled (TRL does this when given a
 `peft_config` and no `ref_model`), so only one model is in memory. The adapter and the training
 log are written to a temporary directory and renamed to `adapters/<name>/` when complete.
+
+Under `accelerate launch` (DDP / DeepSpeed / FSDP) every rank trains (the Trainer handles the
+distribution) and saves through the Trainer (ZeRO-3 / FSDP gather the adapter there); rank 0 makes
+the temporary directory, writes the log and renames it into place, the other ranks wait.
+
+Crash safety: the trainer checkpoints every `dpo.save_steps` steps into `adapters/.<name>-work/`;
+a rerun resumes from the last complete checkpoint there (and removes it after success). An
+adapter whose `train_log.json` records the same pairs (`pairs_sha256`) is not trained again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from cfdpo import dist
 from cfdpo.errors import CfdpoError
-from cfdpo.runio import write_json
+from cfdpo.runio import recover_dir, replace_dir, write_json
 from cfdpo.spec import DPOSpec
 
 PAIR_COLUMNS = ["prompt", "chosen", "rejected"]
@@ -35,10 +46,12 @@ def _common_args(spec: DPOSpec, out: Path, n_examples: int) -> dict:
         output_dir=str(out), per_device_train_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.grad_accum, num_train_epochs=spec.epochs,
         learning_rate=spec.learning_rate, lr_scheduler_type="linear",
-        logging_steps=1, save_strategy="no", report_to=[], seed=spec.seed, data_seed=spec.seed,
+        logging_steps=1, save_strategy="steps", save_steps=spec.save_steps, save_total_limit=2,
+        report_to=[], seed=spec.seed, data_seed=spec.seed,
         bf16=bf16_supported() if spec.bf16 is None else spec.bf16, fp16=False, gradient_checkpointing=False,
         use_cpu=not torch.cuda.is_available(),
         max_length=spec.max_length, dataloader_num_workers=0, disable_tqdm=True,
+        ddp_find_unused_parameters=False,  # LoRA: every trainable parameter gets a gradient
     )
 
 
@@ -73,6 +86,8 @@ class _RichProgress:
 
         class CB(TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
+                if not state.is_world_process_zero:
+                    return
                 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
                 outer.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -100,26 +115,81 @@ def _quiet(trainer, label: str = "train") -> None:
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_RichProgress(f"{label} {Path(trainer.args.output_dir).parent.name.split('-')[0].lstrip('.')}")())
+    trainer.add_callback(_RichProgress(f"{label} {Path(trainer.args.output_dir).name.rsplit('-', 1)[0].lstrip('.')}")())
 
 
 def _finish(trainer, tmp: Path, out: Path, merge: bool, extra_log: dict) -> Path:
-    trainer.save_model(str(tmp / "adapter"))
+    trainer.save_model(str(tmp / "adapter"))  # every rank: the Trainer gathers sharded weights, rank 0 writes
+    return dist.on_main(lambda: _publish(trainer, tmp, out, merge, extra_log))
+
+
+def _publish(trainer, tmp: Path, out: Path, merge: bool, extra_log: dict) -> Path:
     log = {"log_history": trainer.state.log_history, **extra_log}
     write_json(tmp / "adapter" / "train_log.json", log)
     if merge:
         merged = trainer.model.merge_and_unload()
         merged.save_pretrained(str(tmp / "adapter" / "merged"), safe_serialization=True)
         trainer.processing_class.save_pretrained(str(tmp / "adapter" / "merged"))
-    for junk in ("README.md",):
+    for junk in ("README.md", "training_args.bin"):  # the latter is a pickle; nothing reads it
         (tmp / "adapter" / junk).unlink(missing_ok=True)
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    (tmp / "adapter").rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp / "adapter", out)
+    shutil.rmtree(Path(trainer.args.output_dir), ignore_errors=True)  # the checkpoints are no longer needed
     return out
+
+
+def _check_not_all_dropped(trainer, spec: DPOSpec, n: int) -> None:
+    if len(trainer.train_dataset) == 0:
+        raise CfdpoError(f"dpo.max_length: all {n} examples are longer than {spec.max_length} tokens and were dropped; "
+                         "raise dpo.max_length")
+
+
+def pairs_fingerprint(ds) -> str:
+    """A hash of the training examples, recorded in train_log.json to tell whether an adapter is current."""
+    h = hashlib.sha256()
+    for row in ds.select_columns(PAIR_COLUMNS):
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    return h.hexdigest()
+
+
+def adapter_is_current(out: Path, fingerprint: str, merge: bool) -> bool:
+    dist.on_main(lambda: recover_dir(out))
+    try:
+        log = json.loads((out / "train_log.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not (out / "adapter_model.safetensors").is_file() or (merge and not (out / "merged").is_dir()):
+        return False
+    return isinstance(log, dict) and log.get("pairs_sha256") == fingerprint
+
+
+def work_dir(out: Path, fingerprint: str) -> Path:
+    """The checkpoint directory of `out`, emptied if its checkpoints were made from other pairs."""
+    work = out.with_name(f".{out.name}-work")
+    stamp = work / "pairs.sha256"
+
+    def make():
+        if work.exists() and not (stamp.is_file() and stamp.read_text().strip() == fingerprint):
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        if not stamp.is_file():
+            stamp.write_text(fingerprint + "\n")
+
+    dist.on_main(make)
+    return work
+
+
+def last_checkpoint(work: Path) -> str | None:
+    """The newest checkpoint that was written completely (a kill can cut the newest one short)."""
+    found = []
+    for c in work.glob("checkpoint-*"):
+        try:
+            step = int(c.name.split("-", 1)[1])
+            json.loads((c / "trainer_state.json").read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            continue
+        if (c / "adapter_model.safetensors").is_file():
+            found.append((step, c))
+    return str(max(found)[1]) if found else None
 
 
 def train_dpo(
@@ -127,6 +197,7 @@ def train_dpo(
     trust_remote_code: bool = False, dtype: str = "float32",
 ) -> Path:
     """Train a LoRA adapter with DPO on a conversational preference dataset; returns the adapter dir."""
+    from transformers import set_seed
     from transformers.utils import logging as hf_logging
     from trl import DPOConfig, DPOTrainer
 
@@ -137,14 +208,20 @@ def train_dpo(
     hf_logging.set_verbosity_error()
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    fingerprint = pairs_fingerprint(pairs_dataset)
+    if adapter_is_current(out, fingerprint, merge):
+        dist.on_main(lambda: shutil.rmtree(out.with_name(f".{out.name}-work"), ignore_errors=True))
+        return out
+    work = work_dir(out, fingerprint)
+    tmp = Path(dist.on_main(lambda: tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent)))  # one for all ranks
     try:
         tok = load_tokenizer(model_path, trust_remote_code)
         model = load_model(model_path, dtype, trust_remote_code)
         _check_targets(model, spec)
+        set_seed(spec.seed)  # the LoRA init (made before the Trainer seeds) is the same on every run and rank
         loss = [spec.loss_type] if isinstance(spec.loss_type, str) else list(spec.loss_type)
         args = DPOConfig(
-            **_common_args(spec, tmp / "work", len(pairs_dataset)), beta=spec.beta, loss_type=loss,
+            **_common_args(spec, work, len(pairs_dataset)), beta=spec.beta, loss_type=loss,
             precompute_ref_log_probs=spec.precompute_ref_log_probs,
         )
         ds = pairs_dataset.select_columns(PAIR_COLUMNS)
@@ -153,11 +230,14 @@ def train_dpo(
         except ValueError as e:
             raise CfdpoError(f"dpo: {str(e).splitlines()[0]}") from None
         _quiet(trainer)
-        result = trainer.train()
+        _check_not_all_dropped(trainer, spec, len(ds))
+        result = trainer.train(resume_from_checkpoint=last_checkpoint(work))
         return _finish(trainer, tmp, out, merge, {"kind": "dpo", "train_runtime": result.metrics.get("train_runtime"),
-                                                  "pairs": len(ds), "spec": spec.model_dump(mode="json")})
+                                                  "pairs": len(ds), "pairs_sha256": fingerprint,
+                                                  "spec": spec.model_dump(mode="json")})
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def train_sft(
@@ -165,6 +245,7 @@ def train_sft(
     trust_remote_code: bool = False, dtype: str = "float32",
 ) -> Path:
     """Context-distillation baseline: SFT on (control prompt -> chosen answer), same LoRA budget."""
+    from transformers import set_seed
     from transformers.utils import logging as hf_logging
     from trl import SFTConfig, SFTTrainer
 
@@ -175,28 +256,37 @@ def train_sft(
     hf_logging.set_verbosity_error()
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    fingerprint = pairs_fingerprint(pairs_dataset)
+    if adapter_is_current(out, fingerprint, merge):
+        dist.on_main(lambda: shutil.rmtree(out.with_name(f".{out.name}-work"), ignore_errors=True))
+        return out
+    work = work_dir(out, fingerprint)
+    tmp = Path(dist.on_main(lambda: tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent)))
     try:
         tok = load_tokenizer(model_path, trust_remote_code)
         model = load_model(model_path, dtype, trust_remote_code)
         _check_targets(model, spec)
+        set_seed(spec.seed)
         ds = pairs_dataset.map(
             lambda ex: {"prompt": ex["prompt"], "completion": ex["chosen"]},
             remove_columns=pairs_dataset.column_names,
         )
-        args = SFTConfig(**_common_args(spec, tmp / "work", len(ds)), completion_only_loss=True)
+        args = SFTConfig(**_common_args(spec, work, len(ds)), completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_lora(spec))
         _quiet(trainer)
-        result = trainer.train()
+        _check_not_all_dropped(trainer, spec, len(ds))
+        result = trainer.train(resume_from_checkpoint=last_checkpoint(work))
         return _finish(trainer, tmp, out, merge, {"kind": "sft", "train_runtime": result.metrics.get("train_runtime"),
-                                                  "examples": len(ds), "spec": spec.model_dump(mode="json")})
+                                                  "examples": len(ds), "pairs_sha256": fingerprint,
+                                                  "spec": spec.model_dump(mode="json")})
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def set_threads() -> None:
     import torch
 
-    n = os.cpu_count() or 1
+    n = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # a share per process
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

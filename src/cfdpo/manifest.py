@@ -1,0 +1,113 @@
+"""The run manifest, `manifest.json`: what a run was made from, so it can be reproduced.
+
+    {"cfdpo_manifest": 1, "created": ..., "recipe_sha256": ..., "inputs": {"prompts": ..., "model": ...},
+     "seeds": {...}, "packages": {...}, "python": ..., "git_commit": ..., "stages": {stage: {...}}}
+
+`inputs` are fixed when the run directory is made; reopening the directory with inputs that
+changed since (an edited prompt file, another model checkpoint) is refused, because the cached
+answers, pairs and adapters were made from the old ones. `stages` records when each stage last
+finished (and the package versions / git commit, where they differ from the ones at the top).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import subprocess
+import time
+from importlib import metadata, resources
+from pathlib import Path
+
+from cfdpo.errors import CfdpoError
+from cfdpo.runio import file_sha256, read_json, write_json
+from cfdpo.spec import Recipe
+
+PACKAGES = ("cfdpo", "torch", "transformers", "trl", "peft", "datasets", "accelerate")
+NAME = "manifest.json"
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """The commit of the git checkout around `cwd` (default: the current directory), or None."""
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = res.stdout.strip()
+    return sha if res.returncode == 0 and len(sha) == 40 else None
+
+
+def prompts_identity(recipe: Recipe) -> dict:
+    from cfdpo.prompts import BUILTIN_SETS
+
+    src = recipe.prompts.source
+    if src in BUILTIN_SETS:
+        data = (resources.files("cfdpo") / "data" / "prompts" / f"{src}.jsonl").read_bytes()
+        return {"source": src, "sha256": hashlib.sha256(data).hexdigest()}
+    return {"source": str(Path(src).resolve()), "sha256": file_sha256(src)}
+
+
+def inputs(recipe: Recipe, model_path: str) -> dict:
+    from cfdpo.models import model_id
+
+    return {"prompts": prompts_identity(recipe), "model": {"name": recipe.model, "id": model_id(model_path)}}
+
+
+def build(recipe: Recipe, model_path: str) -> dict:
+    return {
+        "cfdpo_manifest": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "recipe_sha256": hashlib.sha256(recipe.canonical_json().encode()).hexdigest(),
+        "inputs": inputs(recipe, model_path),
+        "seeds": {"prompts": recipe.prompts.seed, "generation": recipe.generation.seed, "dpo": recipe.dpo.seed},
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "stages": {},
+    }
+
+
+def check(run_dir: Path, recipe: Recipe, model_path: str) -> dict | None:
+    """The saved manifest, after checking that the run's inputs are unchanged (None if there is none)."""
+    path = run_dir / NAME
+    if not path.exists():
+        return None
+    saved = read_json(path)
+    if not isinstance(saved, dict) or not isinstance(saved.get("inputs"), dict):
+        raise CfdpoError(f"{path}: not a cfdpo manifest; expected the manifest.json cfdpo wrote")
+    now = inputs(recipe, model_path)
+    for what, fields in (("prompts", ("source", "sha256")), ("model", ("id",))):
+        old, new = saved["inputs"].get(what) or {}, now[what]
+        for f in fields:
+            if old.get(f) != new[f]:
+                label = "prompt file" if what == "prompts" else "model"
+                raise CfdpoError(
+                    f"{run_dir}: the {label} changed since this run started ({what}.{f} was {old.get(f)!s:.24}, "
+                    f"now {new[f]!s:.24}); restore it or use a new --out directory"
+                )
+    return saved
+
+
+def record_stage(run_dir: Path, stage: str, **info) -> None:
+    """Note in the manifest that `stage` finished (atomic rewrite; no-op if the run has no manifest)."""
+    path = run_dir / NAME
+    if not path.is_file():
+        return
+    m = read_json(path)
+    entry = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
+    versions, commit = package_versions(), git_commit()
+    if versions != m.get("packages"):
+        entry["packages"] = versions
+    if commit != m.get("git_commit"):
+        entry["git_commit"] = commit
+    m.setdefault("stages", {})[stage] = entry
+    write_json(path, m)

@@ -1,0 +1,112 @@
+"""report.html opened in headless Chromium: the table and the plots render, the page is self-contained.
+
+Chromium is the Debian `chromium` package (`make test` installs it where apt-get works); the test
+skips, saying so, only when it is not there. The report is built from a synthetic metrics.json and
+eval/answers.jsonl, so no model is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cfdpo.report import write_report
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+MODELS = ["base", "prompted", "enc", "negation"]
+
+
+def synthetic_run(d: Path) -> Path:
+    metrics = {
+        "behaviour": {"name": "pirate", "scorer": "lexicon", "desired": "lower", "unit": "hits per 100 words"},
+        "conditions": ["control", "negative"],
+        "n_eval_prompts": 3,
+        "eval_prompt_ids": ["p1", "p2", "p3"],
+        "models": {
+            name: {"control": {"score": 0.5 + i, "mean_words": 20.0 + i}, "negative": {"score": 3.0 - i, "mean_words": 30.0},
+                   "nll": 2.0 + i / 10, "nll_ratio": 1.0 + i / 20}
+            for i, name in enumerate(MODELS)
+        },
+    }
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    rows = []
+    for pid, prompt in (("p1", "What is rain?"), ("p2", "Explain <b>tides</b> & moons."), ("p3", "Why is the sky blue?")):
+        for cond in ("control", "negative"):
+            for name in MODELS:
+                text = f"{name} answers {prompt!r} under {cond}" + (" arr matey!" if name == "base" and cond == "negative" else ".")
+                rows.append({"key": f"{pid}-{cond}-{name}", "prompt_id": pid, "prompt": prompt, "condition": cond,
+                             "model_label": name, "answer": text})
+    (d / "eval").mkdir()
+    (d / "eval" / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report(d, n_samples=2)
+    return d / "report.html"
+
+
+def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (`make test` installs the Debian package where apt-get works)")
+    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_report_html_is_self_contained(tmp_path):
+    page = synthetic_run(tmp_path / "run").read_text(encoding="utf-8")
+    assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:|//|file:)""", page)
+    assert "Content-Security-Policy" in page
+    assert page.count("data:image/png;base64,") == 2
+    assert "&lt;b&gt;tides&lt;/b&gt;" in page and "<b>tides</b>" not in page  # answers and prompts are escaped
+    assert json.loads(re.search(r"id='metrics-json'>(.*?)</script>", page).group(1))["enc"]["nll_ratio"] == 1.1
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    report = synthetic_run(tmp_path / "run")
+    # 1. the DOM after layout: a probe page frames the report and reads what the browser rendered
+    probe = tmp_path / "run" / "probe.html"
+    probe.write_text(
+        "<!doctype html><html><body><iframe id='f' src='report.html' style='width:1200px;height:2000px'></iframe><script>"
+        "document.getElementById('f').onload = () => {"
+        " const d = document.getElementById('f').contentDocument;"
+        " const imgs = [...d.querySelectorAll('img.plot')].map(i => [i.complete, i.naturalWidth, i.naturalHeight]);"
+        " const rows = [...d.querySelectorAll('#metrics tbody tr')].map(r => r.cells[0].textContent);"
+        " const samples = d.querySelectorAll('#samples tbody tr').length;"
+        " const heads = [...d.querySelectorAll('#samples thead th')].map(h => h.textContent);"
+        " document.body.setAttribute('data-probe', JSON.stringify({imgs, rows, samples, heads,"
+        "   tableWidth: d.getElementById('metrics').getBoundingClientRect().width}));"
+        "};</script></body></html>"
+    )
+    res = chromium(["--allow-file-access-from-files", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+                   tmp_path / "profile1")
+    m = re.search(r"data-probe=\"([^\"]*)\"", res.stdout)
+    assert m, f"the probe did not run; chromium said: {res.stderr[-2000:]}"
+    found = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert found["rows"] == MODELS
+    assert found["tableWidth"] > 200
+    assert len(found["imgs"]) == 2
+    for complete, width, height in found["imgs"]:
+        assert complete and width > 300 and height > 200  # the embedded PNGs decoded
+    assert found["samples"] == 4  # 2 prompts x 2 conditions
+    assert found["heads"] == ["prompt", *MODELS]
+
+    # 2. a screenshot: not blank, and the plots' bars are on it
+    shot = tmp_path / "report.png"
+    res = chromium([f"--screenshot={shot}", "--window-size=1200,2000", report.as_uri()], tmp_path / "profile2")
+    assert shot.is_file(), res.stderr[-2000:]
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[:2] == (2000, 1200)
+    colours = np.unique(img.reshape(-1, 3), axis=0)
+    assert len(colours) > 100, "the screenshot is (nearly) blank"
+    assert (img.min(axis=2) < 200).mean() > 0.02, "hardly anything dark on the page"
+    blue = np.abs(img.astype(int) - [31, 119, 180]).sum(axis=2) < 30  # matplotlib's first bar colour
+    assert blue.sum() > 500, "the score plot's bars are not on the screenshot"
+    shutil.copy(shot, tmp_path / "run" / "screenshot.png")
