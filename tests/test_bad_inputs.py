@@ -224,6 +224,9 @@ CASES = [
         ["pairs", str(c.dir / "run")])[-1]),
     ("outside-report-symlink", "outside the run directory", lambda c: (
         c.run_dir(), c.dir.joinpath("run", "report.html").symlink_to("/etc/hostname"), ["generate", str(c.dir / "run")])[-1]),
+    ("outside-plots-dir-symlink-on-report", "outside the run directory", lambda c: (
+        c.run_dir(), c.dir.joinpath("elsewhere").mkdir(), c.dir.joinpath("run", "metrics.json").write_text("{}"),
+        c.dir.joinpath("run", "plots").symlink_to(c.dir / "elsewhere"), ["report", str(c.dir / "run")])[-1]),
     # --- the command line itself ---
     ("cli-unknown-command", "No such command 'frobnicate'", lambda c: ["frobnicate"]),
     ("cli-missing-argument", "Missing argument", lambda c: ["generate"]),

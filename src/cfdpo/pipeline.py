@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cfdpo import dist
 from cfdpo.errors import CfdpoError
-from cfdpo.runio import write_atomic, write_json
+from cfdpo.runio import check_inside, write_atomic, write_json
 from cfdpo.spec import Recipe, dump_recipe, load_recipe
 
 
@@ -94,7 +94,7 @@ def _open_run(run_dir: str | Path, recipe_path: str | Path | None, trust_remote_
             "recipe asks for trust_remote_code: true, which runs Python code shipped with the model; "
             "pass --trust-remote-code to allow it"
         )
-    _check_links(d)
+    check_inside(d)
     run = Run(d, recipe.model_copy(update={"trust_remote_code": bool(trust_remote_code)}))
     run.split()  # the prompt file and the split sizes are valid
     saved_manifest = manifest.check(d, recipe, run.model_path)
@@ -110,20 +110,6 @@ def _open_run(run_dir: str | Path, recipe_path: str | Path | None, trust_remote_
     if saved_manifest is None:
         write_json(d / manifest.NAME, manifest.build(recipe, run.model_path))
     return run
-
-
-def _check_links(d: Path) -> None:
-    """Refuse a run directory whose files or folders are links to places outside it."""
-    if not d.is_dir():
-        return
-    root = d.resolve()
-    for dirpath, dirnames, filenames in os.walk(d):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            if p.is_symlink() and not p.resolve().is_relative_to(root):
-                raise CfdpoError(
-                    f"{p}: is a link to {p.resolve()}, outside the run directory; expected plain files inside {d}"
-                )
 
 
 def generate(run: Run) -> int:

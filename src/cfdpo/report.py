@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from cfdpo.errors import CfdpoError
-from cfdpo.runio import JsonlLog, read_json, write_atomic
+from cfdpo.runio import JsonlLog, check_inside, read_json, write_atomic
 
 MODEL_NOTES = {
     "base": "the model as it is",
@@ -216,6 +216,7 @@ def render_html(metrics: dict, sample_rows: list[dict], plots: list[Path]) -> st
 
 def write_report(run_dir: str | Path, n_samples: int | None = None) -> Path:
     run = Path(run_dir)
+    check_inside(run)
     metrics = check_metrics(read_json(run / "metrics.json"), run / "metrics.json")
     if n_samples is None:
         try:

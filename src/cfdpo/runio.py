@@ -146,3 +146,18 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_inside(root: str | Path) -> None:
+    """Refuse a run directory holding links to places outside it (cfdpo would write through them)."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    real = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if p.is_symlink() and not p.resolve().is_relative_to(real):
+                raise CfdpoError(
+                    f"{p}: is a link to {p.resolve()}, outside the run directory; expected plain files inside {root}"
+                )
