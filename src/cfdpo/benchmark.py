@@ -172,7 +172,12 @@ def run_benchmark(plan: Plan) -> dict:
             run = _open(plan, data, f"{name}-seed{seed}", run_dir)
             sft = any(v in run.recipe.variants for v in ("enc", "contrastive", "negation"))
             _log(f"{name} seed {seed}: plain run{' + SFT' if sft else ''}")
-            pipeline.run_all(run, sft=sft)
+            try:
+                pipeline.run_all(run, sft=sft)
+            except CfdpoError as e:  # e.g. no pairs left after filtering: report it, run the rest
+                _log(f"{name} seed {seed}: failed: {e}")
+                results.setdefault("skipped", []).append({"recipe": name, "config": "plain", "seed": seed, "why": str(e)})
+                continue
             plain_runs[name] = run
             record(name, "plain", seed, run, time.perf_counter() - t0)
             for config in ("filter", "bestofk"):
@@ -197,7 +202,7 @@ def run_benchmark(plan: Plan) -> dict:
                 pipeline.evaluate(qrun)
                 pipeline.report(qrun)
                 record(name, config, seed, qrun, time.perf_counter() - t0)
-        if len(plan.multi) >= 2:
+        if len(plan.multi) >= 2 and all(n in plain_runs for n, _ in plan.multi):
             t0 = time.perf_counter()
             _log(f"seed {seed}: multi-behaviour adapter on {' + '.join(f'{n}:{v}' for n, v in plan.multi)}")
             adapter = train_multi(plan, plain_runs, seed)
@@ -485,6 +490,9 @@ def render_results(results: dict, plan: Plan, plots: list[Path]) -> str:
                   f"`multi`: one DPO adapter on the union of {' + '.join(f'{n} `{v}`' for n, v in plan.multi)} pairs "
                   f"(DPO settings of {plan.multi[0][0]}), against each single-behaviour adapter.", "",
                   *multi_lines(results, plan.multi), ""]
+    if results.get("skipped"):
+        lines += ["## Runs that did not train", ""] + [
+            f"- {sk['recipe']} {sk['config']} seed {sk['seed']}: {sk['why']}" for sk in results["skipped"]] + [""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     return "\n".join(lines) + "\n"
 
