@@ -103,12 +103,18 @@ def resolve_model(model: str) -> str:
             f"model '{model}': not found; expected one of {', '.join(BUILTIN)}, a local checkpoint directory, "
             "a .gguf file or a hub id like org/name"
         )
+    return model
+
+
+def check_available(path: str) -> None:
+    """A hub id must be in the local cache when the hub is off (HF_HUB_OFFLINE): say so before any work."""
+    if Path(path).is_dir():
+        return
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(model, "config.json"), str):
-        raise CfdpoError(f"model '{model}': not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(path, "config.json"), str):
+        raise CfdpoError(f"model '{path}': not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                          "download it first or pass a local checkpoint directory")
-    return model
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

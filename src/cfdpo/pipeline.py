@@ -97,6 +97,9 @@ def _open_run(run_dir: str | Path, recipe_path: str | Path | None, trust_remote_
     check_inside(d)
     run = Run(d, recipe.model_copy(update={"trust_remote_code": bool(trust_remote_code)}))
     run.split()  # the prompt file and the split sizes are valid
+    from cfdpo.models import check_available
+
+    check_available(run.model_path)
     saved_manifest = manifest.check(d, recipe, run.model_path)
     try:
         d.mkdir(parents=True, exist_ok=True)
