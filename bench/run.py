@@ -321,9 +321,10 @@ def main() -> None:
     tmp = common.RESULTS / f".{stamp}-worker.json"
     if args.train:
         common.bench_pairs(args.pairs, model_path)  # generate and cache the pairs before any timing
-        res["train"] = {p: r for p in args.train.split(",") if (r := run_worker("train", p, args, tmp))}
     if args.generate:
         res["generate"] = {p: r for p in args.generate.split(",") if (r := run_worker("gen", p, args, tmp))}
+    if args.train:
+        res["train"] = {p: r for p in args.train.split(",") if (r := run_worker("train", p, args, tmp))}
     tmp.unlink(missing_ok=True)
     md = summarise(res)
     (common.RESULTS / f"{stamp}.json").write_text(json.dumps(res, indent=1))
