@@ -97,7 +97,7 @@ class DPOSpec(_Strict):
     lora_alpha: int = Field(default=32, ge=1)
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
-    bf16: bool | None = Field(default=None, description="bf16 mixed precision; unset: where the hardware has bf16")
+    bf16: bool | None = Field(default=None, description="bf16 mixed precision; unset: on GPUs with bf16, not on CPU")
     precompute_ref_log_probs: bool = False
     save_steps: int = Field(default=50, ge=1, description="checkpoint every N steps so a killed run resumes there")
     seed: int = 0
