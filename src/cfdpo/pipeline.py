@@ -217,7 +217,10 @@ def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft:
     # the frozen base in bf16 on GPUs when the recipe trains in bf16 (PEFT keeps the adapter in fp32)
     import torch
 
-    dtype = "bfloat16" if r.dpo.bf16 and torch.cuda.is_available() else "float32"
+    from cfdpo.train import bf16_supported
+
+    bf16 = bf16_supported() if r.dpo.bf16 is None else r.dpo.bf16
+    dtype = "bfloat16" if bf16 and torch.cuda.is_available() else "float32"
     # SFT targets: control prompt -> treatment answer (enc/contrastive pairs); with no treatment answers,
     # the negation pairs' negative prompt -> control answer is the context-distillation analogue
     src = next((v for v in ("enc", "contrastive", "negation") if v in r.variants), None)
