@@ -161,8 +161,18 @@ def run_benchmark(plan: Plan) -> dict:
         write_json(plan.out / "results.json", results)
         write_results(results, plan)  # after every run, so an interrupted benchmark still has its results
 
+    prev = read_json(plan.out / "results.json")["runs"] if (plan.out / "results.json").is_file() else []
+
+    def finished(name: str, config: str, seed: int, run_dir: Path, expected: set[str]) -> float | None:
+        """A rerun of the benchmark skips runs whose metrics already cover every model; returns their old seconds."""
+        m = run_dir / "metrics.json"
+        if not m.is_file() or not expected <= set(read_json(m)["models"]):
+            return None
+        return next((r["seconds"] for r in prev if (r["recipe"], r["config"], r["seed"]) == (name, config, seed)), 0.0)
+
     for seed in range(plan.seeds):
         plain_runs = {}
+        multi_done = False
         for name, recipe in recipes.items():
             t0 = time.perf_counter()
             data = derive(recipe, seed, plan.sizes, name in pq)
@@ -171,15 +181,17 @@ def run_benchmark(plan: Plan) -> dict:
                 _copy_eval_cache(plan.out / name / "seed0", run_dir)
             run = _open(plan, data, f"{name}-seed{seed}", run_dir)
             sft = any(v in run.recipe.variants for v in ("enc", "contrastive", "negation"))
-            _log(f"{name} seed {seed}: plain run{' + SFT' if sft else ''}")
-            try:
-                pipeline.run_all(run, sft=sft)
-            except CfdpoError as e:  # e.g. no pairs left after filtering: report it, run the rest
-                _log(f"{name} seed {seed}: failed: {e}")
-                results.setdefault("skipped", []).append({"recipe": name, "config": "plain", "seed": seed, "why": str(e)})
-                continue
+            old = finished(name, "plain", seed, run_dir, set(run.recipe.variants) | ({"sft"} if sft else set()))
+            if old is None:
+                _log(f"{name} seed {seed}: plain run{' + SFT' if sft else ''}")
+                try:
+                    pipeline.run_all(run, sft=sft)
+                except CfdpoError as e:  # e.g. no pairs left after filtering: report it, run the rest
+                    _log(f"{name} seed {seed}: failed: {e}")
+                    results.setdefault("skipped", []).append({"recipe": name, "config": "plain", "seed": seed, "why": str(e)})
+                    continue
             plain_runs[name] = run
-            record(name, "plain", seed, run, time.perf_counter() - t0)
+            record(name, "plain", seed, run, time.perf_counter() - t0 + (old or 0.0))
             for config in ("filter", "bestofk"):
                 if name not in pq:
                     continue
@@ -191,30 +203,36 @@ def run_benchmark(plan: Plan) -> dict:
                 _copy_eval_cache(run_dir, qdir)
                 qdata = derive(recipe, seed, plan.sizes, True, PAIR_CONFIGS[config], [pq[name]])
                 qrun = _open(plan, qdata, f"{name}-seed{seed}-{config}", qdir)
-                _log(f"{name} seed {seed}: {config} pairs, variant {pq[name]}")
-                pipeline.generate(qrun)  # nothing new: the plain run's answers are there
-                kept = pipeline.build_pairs(qrun)[pq[name]]["count"]
-                if kept == 0:  # nothing to train on: say so in RESULTS.md instead of failing the benchmark
-                    results.setdefault("skipped", []).append({"recipe": name, "config": config, "seed": seed,
-                                                              "why": "no pairs kept"})
-                    continue
-                pipeline.train(qrun)
-                pipeline.evaluate(qrun)
-                pipeline.report(qrun)
-                record(name, config, seed, qrun, time.perf_counter() - t0)
-        if len(plan.multi) >= 2 and all(n in plain_runs for n, _ in plan.multi):
-            t0 = time.perf_counter()
-            _log(f"seed {seed}: multi-behaviour adapter on {' + '.join(f'{n}:{v}' for n, v in plan.multi)}")
-            adapter = train_multi(plan, plain_runs, seed)
-            for name, _ in plan.multi:
-                run = plain_runs[name]
-                dst = run.dir / "adapters" / "multi"
-                if dst.exists():
-                    shutil.rmtree(dst)
-                shutil.copytree(adapter, dst)
-                pipeline.evaluate(run)
-                pipeline.report(run)
-                record(name, "plain", seed, run, results_seconds(results, name, seed) + time.perf_counter() - t0)
+                old = finished(name, config, seed, qdir, {pq[name]})
+                if old is None:
+                    _log(f"{name} seed {seed}: {config} pairs, variant {pq[name]}")
+                    pipeline.generate(qrun)  # nothing new: the plain run's answers are there
+                    kept = pipeline.build_pairs(qrun)[pq[name]]["count"]
+                    if kept == 0:  # nothing to train on: say so in RESULTS.md instead of failing the benchmark
+                        results.setdefault("skipped", []).append({"recipe": name, "config": config, "seed": seed,
+                                                                  "why": "no pairs kept"})
+                        continue
+                    pipeline.train(qrun)
+                    pipeline.evaluate(qrun)
+                    pipeline.report(qrun)
+                record(name, config, seed, qrun, time.perf_counter() - t0 + (old or 0.0))
+            # the multi-behaviour adapter as soon as its recipes' pairs exist
+            if not multi_done and len(plan.multi) >= 2 and all(n in plain_runs for n, _ in plan.multi):
+                multi_done = True
+                t0 = time.perf_counter()
+                _log(f"seed {seed}: multi-behaviour adapter on {' + '.join(f'{n}:{v}' for n, v in plan.multi)}")
+                adapter = train_multi(plan, plain_runs, seed)
+                for mname, _ in plan.multi:
+                    mrun = plain_runs[mname]
+                    dst = mrun.dir / "adapters" / "multi"
+                    if finished(mname, "plain", seed, mrun.dir, {"multi"}) is not None and dst.is_dir():
+                        continue
+                    if dst.exists():
+                        shutil.rmtree(dst)
+                    shutil.copytree(adapter, dst)
+                    pipeline.evaluate(mrun)
+                    pipeline.report(mrun)
+                    record(mname, "plain", seed, mrun, results_seconds(results, mname, seed) + time.perf_counter() - t0)
     results["seconds"] = round(time.perf_counter() - t_all, 1)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     write_json(plan.out / "results.json", results)
@@ -272,7 +290,7 @@ def recipe_table(results: dict, recipe: str, config: str = "plain") -> list[str]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in models:
         row = [f"`{name}`"]
-        row += [fmt_ms(_vals(runs, name, c, "score")) for c in conds]
+        row += [fmt_ms(_vals(runs, name, c, "score"), 3) for c in conds]
         row += [fmt_ms(_vals(runs, name, c, "mean_words"), 1) for c in conds]
         row += [fmt_ms(_vals(runs, name, "nll_ratio"), 3)]
         row += [fmt_ms([None if v is None else 100 * v for v in _vals(runs, name, k)], 1)
@@ -356,7 +374,7 @@ def pair_quality_lines(results: dict, picks: list[tuple[str, str]]) -> list[str]
         conds = plain[0]["metrics"]["conditions"]
         head = ["pairs", "kept pairs"] + [f"score ({c})" for c in conds] + [f"words ({c})" for c in conds] + ["nll_ratio", "MCQ acc"]
         lines += [f"**{name}: `{variant}`** (base: " + ", ".join(
-            f"{c} {fmt_ms(_vals(plain, 'base', c, 'score'))}" for c in conds) + ")", "",
+            f"{c} {fmt_ms(_vals(plain, 'base', c, 'score'), 3)}" for c in conds) + ")", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for config in PAIR_CONFIGS:
             runs = _runs(results, name, config)
@@ -364,7 +382,7 @@ def pair_quality_lines(results: dict, picks: list[tuple[str, str]]) -> list[str]
                 continue
             kept = [r["pairs"].get(variant, {}).get("count") for r in runs]
             row = [config, fmt_ms(kept, 1)]
-            row += [fmt_ms(_vals(runs, variant, c, "score")) for c in conds]
+            row += [fmt_ms(_vals(runs, variant, c, "score"), 3) for c in conds]
             row += [fmt_ms(_vals(runs, variant, c, "mean_words"), 1) for c in conds]
             row += [fmt_ms(_vals(runs, variant, "nll_ratio"), 3),
                     fmt_ms([None if v is None else 100 * v for v in _vals(runs, variant, "mcq_accuracy")], 1)]
@@ -384,8 +402,8 @@ def multi_lines(results: dict, picks: list[tuple[str, str]]) -> list[str]:
         if not runs or "multi" not in runs[0]["metrics"]["models"]:
             continue
         for model in ("base", "prompted", variant, "multi"):
-            neg = fmt_ms(_vals(runs, model, "negative", "score")) if "negative" in runs[0]["metrics"]["conditions"] else "–"
-            lines.append(f"| {name} | `{model}` | {fmt_ms(_vals(runs, model, 'control', 'score'))} | {neg} | "
+            neg = fmt_ms(_vals(runs, model, "negative", "score"), 3) if "negative" in runs[0]["metrics"]["conditions"] else "–"
+            lines.append(f"| {name} | `{model}` | {fmt_ms(_vals(runs, model, 'control', 'score'), 3)} | {neg} | "
                          f"{fmt_ms(_vals(runs, model, 'control', 'mean_words'), 1)} | {fmt_ms(_vals(runs, model, 'nll_ratio'), 3)} | "
                          f"{fmt_ms([None if v is None else 100 * v for v in _vals(runs, model, 'mcq_accuracy')], 1)} |")
     return lines
@@ -471,7 +489,7 @@ def render_results(results: dict, plan: Plan, plots: list[Path]) -> str:
         "`nll_ratio`: per-token NLL of the base model's held-out answers under the model ÷ base's own. "
         "MCQ: accuracy (%) on the builtin multiple-choice set by option log-likelihood (norm: per character).", "",
         "## Sizes", "", *sizes_lines(results), "",
-        "## Targets", "", "| target | measured (mean over seeds) | met | by |", "|---|---|---|---|",
+        "## Targets", "", "| target | measured (mean over seeds) | met | margin (+: missed by) |", "|---|---|---|---|",
     ]
     lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} | {t['gap']} |" for t in tg]
     lines += ["", f"{sum(t['met'] for t in tg)} of {len(tg)} targets met.", ""]
