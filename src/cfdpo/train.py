@@ -39,7 +39,7 @@ def _lora(spec: DPOSpec):
     )
 
 
-def _common_args(spec: DPOSpec, out: Path, n_examples: int) -> dict:
+def _common_args(spec: DPOSpec, out: Path) -> dict:
     import torch
 
     return dict(
@@ -190,14 +190,14 @@ def last_checkpoint(work: Path) -> str | None:
     return str(max(found)[1]) if found else None
 
 
-def train_dpo(
-    model_path: str, pairs_dataset, spec: DPOSpec, out_dir: str | Path, merge: bool = False,
-    trust_remote_code: bool = False, dtype: str = "float32",
-) -> Path:
-    """Train a LoRA adapter with DPO on a conversational preference dataset; returns the adapter dir."""
+def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: str | Path, merge: bool,
+           trust_remote_code: bool, dtype: str, make_trainer) -> Path:
+    """Shared by DPO and SFT: skip a current adapter, resume from checkpoints, publish atomically.
+
+    `make_trainer(model, tokenizer, common_args)` returns (trainer, number of examples).
+    """
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
-    from trl import DPOConfig, DPOTrainer
 
     from cfdpo.models import load_model, load_tokenizer
 
@@ -217,25 +217,38 @@ def train_dpo(
         model = load_model(model_path, dtype, trust_remote_code)
         _check_targets(model, spec)
         set_seed(spec.seed)  # the LoRA init (made before the Trainer seeds) is the same on every run and rank
+        trainer, n = make_trainer(model, tok, _common_args(spec, work))
+        _quiet(trainer)
+        _check_not_all_dropped(trainer, spec, n)
+        result = trainer.train(resume_from_checkpoint=last_checkpoint(work))
+        count_key = "pairs" if kind == "dpo" else "examples"
+        return _finish(trainer, tmp, out, merge, {"kind": kind, "train_runtime": result.metrics.get("train_runtime"),
+                                                  count_key: n, "pairs_sha256": fingerprint,
+                                                  "spec": spec.model_dump(mode="json")})
+    finally:
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_dpo(
+    model_path: str, pairs_dataset, spec: DPOSpec, out_dir: str | Path, merge: bool = False,
+    trust_remote_code: bool = False, dtype: str = "float32",
+) -> Path:
+    """Train a LoRA adapter with DPO on a conversational preference dataset; returns the adapter dir."""
+
+    def make(model, tok, common):
+        from trl import DPOConfig, DPOTrainer
+
         loss = [spec.loss_type] if isinstance(spec.loss_type, str) else list(spec.loss_type)
-        args = DPOConfig(
-            **_common_args(spec, work, len(pairs_dataset)), beta=spec.beta, loss_type=loss,
-            precompute_ref_log_probs=spec.precompute_ref_log_probs,
-        )
+        args = DPOConfig(**common, beta=spec.beta, loss_type=loss, precompute_ref_log_probs=spec.precompute_ref_log_probs)
         ds = pairs_dataset.select_columns(PAIR_COLUMNS)
         try:
             trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_lora(spec))
         except ValueError as e:
             raise CfdpoError(f"dpo: {str(e).splitlines()[0]}") from None
-        _quiet(trainer)
-        _check_not_all_dropped(trainer, spec, len(ds))
-        result = trainer.train(resume_from_checkpoint=last_checkpoint(work))
-        return _finish(trainer, tmp, out, merge, {"kind": "dpo", "train_runtime": result.metrics.get("train_runtime"),
-                                                  "pairs": len(ds), "pairs_sha256": fingerprint,
-                                                  "spec": spec.model_dump(mode="json")})
-    finally:
-        if dist.is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
+        return trainer, len(ds)
+
+    return _train("dpo", model_path, pairs_dataset, spec, out_dir, merge, trust_remote_code, dtype, make)
 
 
 def train_sft(
@@ -243,43 +256,19 @@ def train_sft(
     trust_remote_code: bool = False, dtype: str = "float32",
 ) -> Path:
     """Context-distillation baseline: SFT on (control prompt -> chosen answer), same LoRA budget."""
-    from transformers import set_seed
-    from transformers.utils import logging as hf_logging
-    from trl import SFTConfig, SFTTrainer
 
-    from cfdpo.models import load_model, load_tokenizer
+    def make(model, tok, common):
+        from trl import SFTConfig, SFTTrainer
 
-    if len(pairs_dataset) == 0:
-        raise CfdpoError(f"{out_dir}: no examples to train on")
-    hf_logging.set_verbosity_error()
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fingerprint = pairs_fingerprint(pairs_dataset)
-    if adapter_is_current(out, fingerprint, merge):
-        dist.on_main(lambda: shutil.rmtree(out.with_name(f".{out.name}-work"), ignore_errors=True))
-        return out
-    work = work_dir(out, fingerprint)
-    tmp = Path(dist.on_main(lambda: tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent)))
-    try:
-        tok = load_tokenizer(model_path, trust_remote_code)
-        model = load_model(model_path, dtype, trust_remote_code)
-        _check_targets(model, spec)
-        set_seed(spec.seed)
         ds = pairs_dataset.map(
             lambda ex: {"prompt": ex["prompt"], "completion": ex["chosen"]},
             remove_columns=pairs_dataset.column_names,
         )
-        args = SFTConfig(**_common_args(spec, work, len(ds)), completion_only_loss=True)
+        args = SFTConfig(**common, completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_lora(spec))
-        _quiet(trainer)
-        _check_not_all_dropped(trainer, spec, len(ds))
-        result = trainer.train(resume_from_checkpoint=last_checkpoint(work))
-        return _finish(trainer, tmp, out, merge, {"kind": "sft", "train_runtime": result.metrics.get("train_runtime"),
-                                                  "examples": len(ds), "pairs_sha256": fingerprint,
-                                                  "spec": spec.model_dump(mode="json")})
-    finally:
-        if dist.is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
+        return trainer, len(ds)
+
+    return _train("sft", model_path, pairs_dataset, spec, out_dir, merge, trust_remote_code, dtype, make)
 
 
 def set_threads() -> None:
