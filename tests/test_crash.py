@@ -65,13 +65,17 @@ def planned_keys(recipe: Path, out: Path) -> set[str]:
 def snapshot(out: Path) -> list[tuple[str, int]]:
     """What the run has written so far (the manifest's stage notes do not count as progress)."""
     found = []
-    for p in out.rglob("*") if out.exists() else []:
-        if p.name.startswith((".manifest.json", "manifest.json", "cache-", "tmp")):
-            continue  # stage notes and the trainer's tokenisation cache beside the pairs are not progress
-        try:
-            found.append((str(p.relative_to(out)), p.stat().st_size))
-        except OSError:  # removed while we looked
-            pass
+    # os.walk, not Path.rglob: the run renames and removes temporary directories while we look, and
+    # rglob raises FileNotFoundError for a directory that vanishes mid-walk; os.walk skips it
+    for root, dirs, files in os.walk(out):
+        for name in dirs + files:
+            if name.startswith((".manifest.json", "manifest.json", "cache-", "tmp")):
+                continue  # stage notes and the trainer's tokenisation cache beside the pairs are not progress
+            p = Path(root, name)
+            try:
+                found.append((str(p.relative_to(out)), p.stat().st_size))
+            except OSError:  # removed while we looked
+                pass
     return sorted(found)
 
 
