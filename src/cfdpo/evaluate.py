@@ -193,7 +193,7 @@ def evaluate_run(run_dir: str | Path, recipe: Recipe, model_path: str, eval_prom
     seed = recipe.generation.seed if ev.temperature > 0 else 0  # greedy answers do not depend on the seed
     adapters = find_adapters(run)
     base_id = model_id(model_path)
-    dtype = resolve_dtype(recipe.generation.dtype)
+    dtype = resolve_dtype(recipe.generation.dtype, purpose="evaluate")
 
     state: dict = {}
 
