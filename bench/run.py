@@ -11,7 +11,8 @@ Training paths (same pairs, same LoRA / beta / learning rate / batch / epochs, f
                 gradient_checkpointing=True are TRL's defaults), reference forward every step
   trl-fp32      the same with bf16=False (the issue's fp32 baseline)
   cfdpo         cfdpo.train.train_dpo with cfdpo's default DPOSpec performance settings
-  extra path with --train: cfdpo-precompute (cfdpo + precompute_ref_log_probs)
+  extra paths with --train: cfdpo-precompute (cfdpo + precompute_ref_log_probs), cfdpo-bf16 / cfdpo-fp32
+                (cfdpo with bf16 autocast forced on / off)
 Generation paths (same prompts, same sampling: temperature 0.7, top_p 0.9, --new-tokens):
   naive         model.generate one prompt at a time, fp32 (on the first --naive-prompts prompts)
   hf-batch16    model.generate batched 16, fp32, tokenizer left padding, defaults otherwise
@@ -124,21 +125,26 @@ def train_worker(path: str, n_pairs: int, n_score: int, workdir: Path) -> dict:
                              processing_class=tok, peft_config=_lora(spec))
         trainer.train()
         seconds = time.perf_counter() - t0
-        model, settings = trainer.model, {"bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing,
+        model, settings = trainer.model, {"bf16": args.bf16, "weights": "float32", "gradient_checkpointing": args.gradient_checkpointing,
                                           "precompute_ref_log_probs": args.precompute_ref_log_probs}
         log = trainer.state.log_history
     else:
         from peft import PeftModel
 
-        from cfdpo.train import bf16_supported, train_dpo
+        from cfdpo.train import bf16_supported, train_dpo, train_dtype
 
         if path == "cfdpo-precompute":
             spec = dpo_spec(precompute_ref_log_probs=True)
+        elif path == "cfdpo-bf16":
+            spec = dpo_spec(bf16=True)
+        elif path == "cfdpo-fp32":
+            spec = dpo_spec(bf16=False)
         adapter = train_dpo(model_path, ds, spec, workdir / "adapter")
         seconds = time.perf_counter() - t0
         log = json.loads((adapter / "train_log.json").read_text())["log_history"]
         model = PeftModel.from_pretrained(load_model(model_path, "float32"), str(adapter))
-        settings = {"bf16": bf16_supported() if spec.bf16 is None else spec.bf16, "gradient_checkpointing": False,
+        settings = {"bf16": bf16_supported() if spec.bf16 is None else spec.bf16, "weights": train_dtype(spec),
+                    "gradient_checkpointing": False,
                     "precompute_ref_log_probs": spec.precompute_ref_log_probs}
     losses = [e["loss"] for e in log if "loss" in e]
     scores = _pair_scores(model, tok, ds.select(range(min(n_score, len(ds)))), spec.beta)
@@ -246,15 +252,15 @@ def summarise(res: dict) -> str:
     if train:
         base = train.get("trl-default")
         lines += ["## DPO training", "",
-                  "| path | bf16 | grad ckpt | precompute ref | s | pairs/s | × trl-default | × trl-fp32 "
+                  "| path | bf16 | base weights | grad ckpt | precompute ref | s | pairs/s | × trl-default | × trl-fp32 "
                   "| util fp32 | util bf16 | peak RSS MB | reward acc | final loss | mean train loss |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in train.items():
             s = r["settings"]
             pps = r["pairs"] / r["seconds"]
             flops = 8 * r["n_params"] * r["tokens"] * dpo_epochs() / r["seconds"] / 1e9
             rel = lambda k: f"{pps / (train[k]['pairs'] / train[k]['seconds']):.2f}" if k in train else "-"  # noqa: E731
-            lines.append(f"| {name} | {s['bf16']} | {s['gradient_checkpointing']} | {s['precompute_ref_log_probs']} "
+            lines.append(f"| {name} | {s['bf16']} | {s.get('weights', 'float32')} | {s['gradient_checkpointing']} | {s['precompute_ref_log_probs']} "
                          f"| {r['seconds']:.0f} | {pps:.3f} | {rel('trl-default')} | {rel('trl-fp32')} "
                          f"| {flops / peak32:.0%} | {flops / peak16:.0%} | {r['peak_rss_mb']:.0f} "
                          f"| {r['reward_accuracy']:.2f} | {r['final_loss']:.3f} | {r['mean_train_loss']:.3f} |")

@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_recipe, write_recipe
 
 from cfdpo.benchmark import fmt_ms, mean_std, render_results, targets, union_pairs
-from cfdpo.evaluate import continuation_logprobs, load_mcq, mcq_accuracy, mcq_context
+from cfdpo.evaluate import continuation_logprobs, load_mcq, mcq_accuracy, mcq_context, shared_context_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,18 @@ def test_batched_option_logprobs_match_direct_computation(tiny):
     direct = [direct_logprob(model, tok, c, x) for c, x in pairs]
     assert batched == pytest.approx(direct, abs=1e-3)
     assert all(v < 0 for v in batched)
+
+
+def test_shared_context_logprobs_match_direct_computation(tiny):
+    model, tok = tiny
+    items = load_mcq(7)
+    groups = [(mcq_context(it), [f" {c}" for c in it["choices"]]) for it in items]
+    groups[2] = (groups[2][0], groups[2][1][:2])  # fewer options in one group
+    groups.append(("Question: Is it", ["s warm?", " cold?"]))  # "s" merges with the context's last token
+    got = shared_context_logprobs(model, tok, groups, batch_size=6)  # several batches, mixed widths
+    want = [[direct_logprob(model, tok, c, x) for x in xs] for c, xs in groups]
+    assert [len(g) for g in got] == [len(g) for g in want]
+    assert [v for g in got for v in g] == pytest.approx([v for g in want for v in g], abs=1e-3)
 
 
 def test_mcq_accuracy_picks_the_most_likely_option(tiny):

@@ -164,10 +164,69 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_
     return out
 
 
+def shared_context_logprobs(model, tokenizer, groups: list[tuple[str, list[str]]], batch_size: int = 16) -> list[list[float]]:
+    """`continuation_logprobs` for groups of continuations that share one context: the context runs
+    once and its KV cache is repeated for each continuation, so only the continuations' own tokens
+    run per option (a multiple-choice question's options are a few tokens after a longer question).
+
+    A group whose context tokens are not a prefix of context+continuation's tokens goes through
+    `continuation_logprobs`, so the tokenization is the same either way."""
+    import torch
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[list[float]] = [[] for _ in groups]
+    fast = []
+    for g, (ctx, conts) in enumerate(groups):
+        ctx_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
+        fulls = [tokenizer(ctx + c, add_special_tokens=False)["input_ids"] for c in conts]
+        if ctx_ids and all(len(f) > len(ctx_ids) and f[: len(ctx_ids)] == ctx_ids for f in fulls):
+            fast.append((g, ctx_ids, [f[len(ctx_ids):] for f in fulls]))
+        else:
+            out[g] = continuation_logprobs(model, tokenizer, [(ctx, c) for c in conts], batch_size)
+    fast.sort(key=lambda x: len(x[1]))
+    per = max(1, batch_size // max((len(x[2]) for x in fast), default=1))
+    for b in range(0, len(fast), per):
+        batch = fast[b : b + per]
+        width = max(len(x[1]) for x in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, (_, c, _) in enumerate(batch):  # contexts left-padded
+            ids[r, width - len(c) :] = torch.tensor(c)
+            mask[r, width - len(c) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        k = [len(x[2]) for x in batch]
+        rows = [(r, cont) for r, x in enumerate(batch) for cont in x[2]]
+        cwidth = max(len(c) for _, c in rows)
+        cids = torch.full((len(rows), cwidth), pad, dtype=torch.long)
+        cmask = torch.zeros((len(rows), cwidth), dtype=torch.long)
+        for j, (_, cont) in enumerate(rows):  # continuations right-padded after their context
+            cids[j, : len(cont)] = torch.tensor(cont)
+            cmask[j, : len(cont)] = 1
+        src = torch.tensor([r for r, _ in rows])
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            last = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                         past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            if len(set(k)) == 1:
+                cache.batch_repeat_interleave(k[0])
+            else:
+                cache.batch_select_indices(src.to(device))
+            cpos = pos[src, -1:] + 1 + torch.arange(cwidth)
+            logits = model(input_ids=cids.to(device), attention_mask=torch.cat([mask[src], cmask], 1).to(device),
+                           position_ids=cpos.to(device), past_key_values=cache, use_cache=True).logits.float()
+        logits = torch.cat([last[src.to(device)].unsqueeze(1), logits[:, :-1]], 1)  # row j predicts token j
+        picked = torch.log_softmax(logits, -1).gather(-1, cids.to(device).unsqueeze(-1)).squeeze(-1).cpu()
+        for j, (r, cont) in enumerate(rows):
+            out[batch[r][0]].append(float(picked[j, : len(cont)].sum()))
+    return out
+
+
 def mcq_accuracy(model, tokenizer, items: list[dict], instruction: str | None = None, batch_size: int = 16) -> dict:
     """Accuracy on multiple-choice items by option log-likelihood (and per-character normalised)."""
-    pairs = [(mcq_context(it, instruction), f" {c}") for it in items for c in it["choices"]]
-    lps = continuation_logprobs(model, tokenizer, pairs, batch_size)
+    groups = [(mcq_context(it, instruction), [f" {c}" for c in it["choices"]]) for it in items]
+    lps = [v for lp in shared_context_logprobs(model, tokenizer, groups, batch_size) for v in lp]
     hits = hits_norm = 0
     k = 0
     for it in items:
@@ -235,9 +294,10 @@ def evaluate_run(run_dir: str | Path, recipe: Recipe, model_path: str, eval_prom
                 for r in rows:
                     r["messages"] = prompted_messages(r["prompt"], cond, b)
                     r["key"] = r["key"] + "p"
-            run_generation(rows, log, lambda label=label: use(label), batch_size=ev.batch_size, seed=seed,
-                           label=f"eval {label}/{cond}")
             rows_by[(label, cond)] = rows
+        # every condition of one model in the same batches: fewer, fuller decode steps
+        run_generation([r for cond in conditions for r in rows_by[(label, cond)]], log,
+                       lambda label=label: use(label), batch_size=ev.batch_size, seed=seed, label=f"eval {label}")
     done = {r["key"]: r for r in log.rows}
 
     base_ctrl = [done[r["key"]] for r in rows_by[("base", "control")]]

@@ -214,13 +214,6 @@ def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft:
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
-    # the frozen base in bf16 on GPUs when the recipe trains in bf16 (PEFT keeps the adapter in fp32)
-    import torch
-
-    from cfdpo.train import bf16_supported
-
-    bf16 = bf16_supported() if r.dpo.bf16 is None else r.dpo.bf16
-    dtype = "bfloat16" if bf16 and torch.cuda.is_available() else "float32"
     # SFT targets: control prompt -> treatment answer (enc/contrastive pairs); with no treatment answers,
     # the negation pairs' negative prompt -> control answer is the context-distillation analogue
     src = next((v for v in ("enc", "contrastive", "negation") if v in r.variants), None)
@@ -229,10 +222,10 @@ def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft:
     out = []
     for v in todo:
         ds = load_pairs(run.dir / "pairs" / v)
-        out.append(train_dpo(run.model_path, ds, r.dpo, run.dir / "adapters" / v, merge, r.trust_remote_code, dtype))
+        out.append(train_dpo(run.model_path, ds, r.dpo, run.dir / "adapters" / v, merge, r.trust_remote_code))
     if sft:
         ds = load_pairs(run.dir / "pairs" / src)
-        out.append(train_sft(run.model_path, ds, r.dpo, run.dir / "adapters" / "sft", merge, r.trust_remote_code, dtype))
+        out.append(train_sft(run.model_path, ds, r.dpo, run.dir / "adapters" / "sft", merge, r.trust_remote_code))
     _done(run, "train")
     return out
 
