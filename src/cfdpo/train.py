@@ -119,6 +119,58 @@ class _RichProgress:
         return CB()
 
 
+def lean_lm_head(trainer) -> bool:
+    """On CPU, score TRL's fused-LM-head calls with one projection of the labelled positions only.
+
+    TRL's trainers patch the model so that `model(..., labels=..., fused_lm_head=True)` returns per-token
+    log-probs (plus entropy / mean logit / top-1 for their metrics) without materialising the logits.
+    Without Triton its kernel falls back to torch code that projects and scores *every* position
+    (prompt and padding too) tile by tile in several passes, and recomputes the tiles in backward: on
+    this project's 2-core CPU that was about half of a DPO step. Here the labelled positions go through
+    the LM head in one matmul and an ordinary log-softmax (autograd does the backward); the metrics
+    come from the same logits without gradient. Returns whether it applied (CPU, TRL's patch present,
+    a plain LM head: no logit soft-capping or scaling); otherwise TRL's own path stays."""
+    import types
+
+    import torch
+
+    base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    trl_forward = base.__dict__.get("forward")  # TRL sets the fused forward on the instance
+    cfg = base.config.get_text_config()
+    plain = all(getattr(cfg, k, None) in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale",
+                                                               "output_multiplier", "lm_head_multiplier", "logits_scaling"))
+    if trl_forward is None or not plain or next(base.parameters()).device.type != "cpu":
+        return False
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head or shift_labels is not None or kwargs.get("output_router_logits"):
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = labels[:, 1:].to(hidden.device)
+        mask = labels != -100
+        target = labels[mask]
+        head = self.get_output_embeddings()
+        logits = head(hidden[mask]).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        picked = logp.gather(-1, target[:, None])[:, 0]
+        with torch.no_grad():
+            p = logp.exp()
+            extras = (-(p * logp).sum(-1), torch.logsumexp(2 * logp, dim=-1), logits.mean(-1),
+                      (logits.argmax(-1) == target).float())
+        full = lambda x: x.new_zeros(mask.shape).masked_scatter(mask, x)  # noqa: E731
+        log_probs = full(picked)
+        entropy, log_sum_sq_probs, mean_logits, is_top1 = (full(x) for x in extras)
+        loss = -picked.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
+                                   mean_logits=mean_logits, is_top1=is_top1.bool(), label_mask=mask, aux_loss=None)
+
+    base.forward = types.MethodType(forward, base)
+    return True
+
+
 def _quiet(trainer, label: str = "train") -> None:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -229,6 +281,7 @@ def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: st
         _check_targets(model, spec)
         set_seed(spec.seed)  # the LoRA init (made before the Trainer seeds) is the same on every run and rank
         trainer, n = make_trainer(model, tok, _common_args(spec, work))
+        lean_lm_head(trainer)
         _quiet(trainer)
         _check_not_all_dropped(trainer, spec, n)
         result = trainer.train(resume_from_checkpoint=last_checkpoint(work))
