@@ -94,6 +94,12 @@ CASES = [
     ("yaml-duplicate-key", "duplicate key 'model'", lambda c: ["run", c.recipe(text="model: a\nmodel: b\n"), "--out", str(c.dir / "o")]),
     ("yaml-deep-nesting", "nested too deeply", lambda c: ["run", c.recipe(text="a: " + "[" * 5000 + "]" * 5000 + "\n"),
                                                            "--out", str(c.dir / "o")]),
+    ("lm-eval-unknown-task", "unknown lm-eval task 'no_such_task_xyz'", lambda c: [
+        "run", c.recipe(evaluation__lm_eval={"tasks": ["no_such_task_xyz"]}), "--out", str(c.dir / "o")]),
+    ("lm-eval-include-path-missing", "include_path: nowhere is not a folder", lambda c: [
+        "run", c.recipe(evaluation__lm_eval={"tasks": ["x"], "include_path": "nowhere"}), "--out", str(c.dir / "o")]),
+    ("lm-eval-no-tasks", "evaluation.lm_eval.tasks", lambda c: [
+        "run", c.recipe(evaluation__lm_eval={"tasks": []}), "--out", str(c.dir / "o")]),
     ("recipe-missing", "recipe file not found", lambda c: ["run", str(c.dir / "none.yaml"), "--out", str(c.dir / "o")]),
     ("recipe-is-a-directory", "recipe file not found", lambda c: ["run", str(c.dir) + "/", "--out", str(c.dir / "o")]),
     ("recipe-unknown-builtin", "no such file or builtin recipe", lambda c: ["run", "nosuchrecipe", "--out", str(c.dir / "o")]),

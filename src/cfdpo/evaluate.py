@@ -9,8 +9,13 @@ model's held-out control answers under a model divided by the base model's own.
 With `evaluation.mcq`, every model also answers the builtin multiple-choice set (`data/mcq.jsonl`)
 the way evaluation harnesses do: the option with the highest log-likelihood given
 "Question: ...\nAnswer:" wins (`mcq_accuracy`; `mcq_accuracy_norm` divides by the option's
-length in characters, like lm-eval's acc_norm). The `prompted` model gets the treatment
+length in characters, leading space included). The `prompted` model gets the treatment
 instruction before the question. Results are cached in `eval/mcq.json`.
+
+With `evaluation.lm_eval` (extra `cfdpo[lmeval]`), every model also runs those lm-eval tasks
+through lm-eval's own harness (the loaded model handed to its `HFLM`; `prompted` gets the treatment
+as lm-eval's system instruction); each task's metrics go to `lm_eval` in metrics.json, cached in
+`eval/lm_eval.json`. Hub tasks need a hub; tasks in `include_path` YAML files run offline.
 
 Answers are cached in `eval/answers.jsonl` (same keys and resume rules as generation).
 """
@@ -24,7 +29,8 @@ from importlib import resources
 from pathlib import Path
 
 from cfdpo import counterfactual
-from cfdpo.generate import GenParams, plan_rows, resolve_dtype, run_generation
+from cfdpo.errors import CfdpoError
+from cfdpo.generate import GenParams, cache_kwarg, plan_rows, resolve_dtype, run_generation
 from cfdpo.runio import JsonlLog, read_json, write_json
 from cfdpo.scorers import make_scorer
 from cfdpo.scorers.base import words
@@ -206,16 +212,17 @@ def shared_context_logprobs(model, tokenizer, groups: list[tuple[str, list[str]]
             cmask[j, : len(cont)] = 1
         src = torch.tensor([r for r, _ in rows])
         cache = DynamicCache(config=model.config)
+        kv = {cache_kwarg(model): cache}
         with torch.inference_mode():
             last = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                         past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                         use_cache=True, logits_to_keep=1, **kv).logits[:, -1].float()
             if len(set(k)) == 1:
                 cache.batch_repeat_interleave(k[0])
             else:
                 cache.batch_select_indices(src.to(device))
             cpos = pos[src, -1:] + 1 + torch.arange(cwidth)
             logits = model(input_ids=cids.to(device), attention_mask=torch.cat([mask[src], cmask], 1).to(device),
-                           position_ids=cpos.to(device), past_key_values=cache, use_cache=True).logits.float()
+                           position_ids=cpos.to(device), use_cache=True, **kv).logits.float()
         logits = torch.cat([last[src.to(device)].unsqueeze(1), logits[:, :-1]], 1)  # row j predicts token j
         picked = torch.log_softmax(logits, -1).gather(-1, cids.to(device).unsqueeze(-1)).squeeze(-1).cpu()
         for j, (r, cont) in enumerate(rows):
@@ -240,6 +247,37 @@ def mcq_accuracy(model, tokenizer, items: list[dict], instruction: str | None = 
     return {"accuracy": hits / n if n else None, "accuracy_norm": hits_norm / n if n else None, "n": n}
 
 
+def lm_eval_check(spec) -> None:
+    """Fail early, in one line, when lm-eval is missing or a task is unknown."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise CfdpoError("evaluation.lm_eval needs lm-eval: pip install 'cfdpo[lmeval]'") from None
+    if spec.include_path and not Path(spec.include_path).is_dir():
+        raise CfdpoError(f"evaluation.lm_eval.include_path: {spec.include_path} is not a folder")
+    known = set(TaskManager(include_path=spec.include_path, verbosity="ERROR").all_tasks)
+    unknown = [t for t in spec.tasks if t not in known]
+    if unknown:
+        raise CfdpoError(f"evaluation.lm_eval.tasks: unknown lm-eval task '{unknown[0]}'")
+
+
+def lm_eval_scores(model, tokenizer, spec, instruction: str | None, batch_size: int) -> dict:
+    """lm-eval's results for one loaded model: {task: {metric: value}} (stderr entries dropped)."""
+    import logging
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm-eval").setLevel(logging.ERROR)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    res = simple_evaluate(model=lm, tasks=list(spec.tasks), limit=spec.limit, num_fewshot=spec.num_fewshot,
+                          system_instruction=instruction, log_samples=False, bootstrap_iters=0,
+                          task_manager=TaskManager(include_path=spec.include_path, verbosity="ERROR"))
+    return {task: {k.split(",")[0]: v for k, v in m.items() if isinstance(v, (int, float)) and "stderr" not in k}
+            for task, m in res["results"].items()}
+
+
 def evaluate_run(run_dir: str | Path, recipe: Recipe, model_path: str, eval_prompts: list[dict]) -> dict:
     from cfdpo.models import load_model, load_tokenizer, model_id
 
@@ -250,6 +288,8 @@ def evaluate_run(run_dir: str | Path, recipe: Recipe, model_path: str, eval_prom
     conditions = ["control"] + (["negative"] if b.negative else [])
     params = GenParams(ev.max_new_tokens, ev.temperature, ev.top_p)
     seed = recipe.generation.seed if ev.temperature > 0 else 0  # greedy answers do not depend on the seed
+    if ev.lm_eval:
+        lm_eval_check(ev.lm_eval)
     adapters = find_adapters(run)
     base_id = model_id(model_path)
     dtype = resolve_dtype(recipe.generation.dtype, purpose="evaluate")
@@ -333,6 +373,18 @@ def evaluate_run(run_dir: str | Path, recipe: Recipe, model_path: str, eval_prom
             models[label]["mcq_accuracy"] = cache[key]["accuracy"]
             models[label]["mcq_accuracy_norm"] = cache[key]["accuracy_norm"]
             models[label]["mcq_n"] = cache[key]["n"]
+    if ev.lm_eval:
+        cache_path = run / "eval" / "lm_eval.json"
+        cache = read_json(cache_path) if cache_path.is_file() else {}
+        for label in labels:
+            instruction = b.treatment if label == "prompted" else None
+            key = hashlib.sha256(json.dumps([base_id, label, tags[label], instruction, ev.lm_eval.model_dump(mode="json")])
+                                 .encode()).hexdigest()[:24]
+            if key not in cache:
+                model, tok = use(label)
+                cache[key] = lm_eval_scores(model, tok, ev.lm_eval, instruction, ev.batch_size)
+                write_json(cache_path, cache)
+            models[label]["lm_eval"] = cache[key]
     metrics = {
         "behaviour": {"name": b.name, "scorer": b.scorer.name, "desired": b.scorer.desired, "unit": scorer.unit},
         "conditions": conditions,

@@ -105,6 +105,14 @@ def sample_next(logits, params: GenParams, generator):
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def cache_kwarg(model) -> str:
+    """The forward argument that takes the KV cache: `cache` in newer transformers, else `past_key_values`."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
+
+
 def decode(model, ids, mask, k: int, params: GenParams, stop_ids, seed: int):
     """Sample `k` continuations of each left-padded row of `ids`; returns [rows*k, max_new_tokens]
     token ids (rows in `num_return_sequences` order), padded with the first stop id after a stop.
@@ -118,9 +126,9 @@ def decode(model, ids, mask, k: int, params: GenParams, stop_ids, seed: int):
     device = ids.device
     generator = torch.Generator(device=device).manual_seed(seed)
     cache = DynamicCache(config=model.config)
+    kv = cache_kwarg(model)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{kv: cache})
     logits = out.logits[:, -1]
     last = pos[:, -1]
     if k > 1:
@@ -142,8 +150,8 @@ def decode(model, ids, mask, k: int, params: GenParams, stop_ids, seed: int):
             alive, nxt, mask, last = alive[keep], nxt[keep], mask[keep], last[keep]
         mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
         last = last + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], past_key_values=cache,
-                    use_cache=True)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], use_cache=True,
+                    **{kv: cache})
         logits = out.logits[:, -1]
     return result
 

@@ -100,6 +100,10 @@ def _open_run(run_dir: str | Path, recipe_path: str | Path | None, trust_remote_
     from cfdpo.models import check_available
 
     check_available(run.model_path)
+    if recipe.evaluation.lm_eval:  # before hours of generation and training, not after
+        from cfdpo.evaluate import lm_eval_check
+
+        lm_eval_check(recipe.evaluation.lm_eval)
     saved_manifest = manifest.check(d, recipe, run.model_path)
     try:
         d.mkdir(parents=True, exist_ok=True)

@@ -45,11 +45,16 @@ def table_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
         for c in conds:
             row += [_fmt(m.get(c, {}).get("score")), _fmt(m.get(c, {}).get("mean_words"), 1)]
         row += [_fmt(m.get("nll_ratio"))]
-        for extra in ("mcq_accuracy",):
-            if extra in m:
+        extras = {"mcq_accuracy": m.get("mcq_accuracy")}
+        for task, vals in (m.get("lm_eval") or {}).items():  # lm-eval: each task's accuracy-like metric
+            key = next((k for k in ("acc", "acc_norm", "exact_match") if k in vals), None)
+            if key:
+                extras[f"{task} {key}"] = vals[key]
+        for extra, value in extras.items():
+            if value is not None:
                 if extra not in head:
                     head.append(extra)
-                row.append(_fmt(m[extra]))
+                row.append(_fmt(value))
         rows.append(row)
     return head, rows
 

@@ -97,10 +97,17 @@ class DPOSpec(_Strict):
     lora_alpha: int = Field(default=32, ge=1)
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
-    bf16: bool | None = Field(default=None, description="bf16 mixed precision; unset: on GPUs with bf16, not on CPU")
+    bf16: bool | None = Field(default=None, description="bf16 mixed precision; unset: where the GPU or CPU has native bf16")
     precompute_ref_log_probs: bool = False
     save_steps: int = Field(default=50, ge=1, description="checkpoint every N steps so a killed run resumes there")
     seed: int = 0
+
+
+class LmEvalSpec(_Strict):
+    tasks: list[str] = Field(min_length=1, description="lm-eval task names (hub tasks need a hub; local ones need include_path)")
+    limit: int | None = Field(default=None, ge=1, description="at most this many documents per task")
+    num_fewshot: int | None = Field(default=None, ge=0)
+    include_path: str | None = Field(default=None, description="a folder of extra lm-eval task YAML files")
 
 
 class EvalSpec(_Strict):
@@ -111,6 +118,7 @@ class EvalSpec(_Strict):
     samples: int = Field(default=3, ge=0, description="sample answers per model shown in the report")
     mcq: bool = Field(default=False, description="also score the builtin multiple-choice set (capability retention)")
     mcq_items: int = Field(default=179, ge=1, description="how many multiple-choice items (the first N of the set)")
+    lm_eval: LmEvalSpec | None = Field(default=None, description="also run lm-eval tasks on every model (extra cfdpo[lmeval])")
 
 
 class Recipe(_Strict):
