@@ -12,7 +12,7 @@ Training paths (same pairs, same LoRA / beta / learning rate / batch / epochs, f
   trl-fp32      the same with bf16=False (the issue's fp32 baseline)
   cfdpo         cfdpo.train.train_dpo with cfdpo's default DPOSpec performance settings
   extra paths with --train: cfdpo-precompute (cfdpo + precompute_ref_log_probs), cfdpo-bf16 / cfdpo-fp32
-                (cfdpo with bf16 autocast forced on / off)
+                (cfdpo with bf16 forced on / off), cfdpo-trlhead (cfdpo with TRL's own LM-head kernel)
 Generation paths (same prompts, same sampling: temperature 0.7, top_p 0.9, --new-tokens):
   naive         model.generate one prompt at a time, fp32 (on the first --naive-prompts prompts)
   hf-batch16    model.generate batched 16, fp32, tokenizer left padding, defaults otherwise
@@ -139,6 +139,10 @@ def train_worker(path: str, n_pairs: int, n_score: int, workdir: Path) -> dict:
             spec = dpo_spec(bf16=True)
         elif path == "cfdpo-fp32":
             spec = dpo_spec(bf16=False)
+        elif path == "cfdpo-trlhead":  # the same without cfdpo's CPU LM head: TRL's fused-head kernel
+            import cfdpo.train
+
+            cfdpo.train.lean_lm_head = lambda trainer: False
         adapter = train_dpo(model_path, ds, spec, workdir / "adapter")
         seconds = time.perf_counter() - t0
         log = json.loads((adapter / "train_log.json").read_text())["log_history"]
