@@ -37,7 +37,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py --pairs 64 --prompts 32
+	$(BIN)/python bench/run.py --pairs 64 --prompts 64 --score-pairs 32
 
 clean:
 	rm -rf runs build dist .pytest_cache
