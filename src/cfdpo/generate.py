@@ -115,7 +115,7 @@ def cache_kwarg(model) -> str:
 
 def decode(model, ids, mask, k: int, params: GenParams, stop_ids, seed: int):
     """Sample `k` continuations of each left-padded row of `ids`; returns [rows*k, max_new_tokens]
-    token ids (rows in `num_return_sequences` order), padded with the first stop id after a stop.
+    token ids (the k samples of a row next to each other), padded with the first stop id after a stop.
 
     A plain KV-cache loop instead of `model.generate`: one prefill per prompt (the cache is repeated
     for the k samples), logits only for the last position, nucleus sampling without a full sort, and
@@ -191,7 +191,7 @@ def generate_answers(
     """Generate `num_samples[i]` answers for each conversation, batched by prompt length.
 
     Calls `on_batch(indices, answers, token_counts)` after each batch so the caller can persist
-    results as they come. The k samples of one conversation come from `num_return_sequences`.
+    results as they come. The k samples of one conversation share one prefill (see `decode`).
     `model` may also be a `vllm_backend.VllmGenerator`, which does the same with vLLM.
     """
     if hasattr(model, "generate_answers"):
@@ -210,7 +210,7 @@ def generate_answers(
     if eos is None:
         eos = tokenizer.eos_token_id
     stop_ids = torch.tensor(sorted({pad_id, *(eos if isinstance(eos, list) else [eos])}))
-    # group by equal sample counts so num_return_sequences is uniform inside a batch
+    # group by equal sample counts so k is uniform inside a batch
     groups: dict[int, list[int]] = {}
     for i in order:
         groups.setdefault(num_samples[i], []).append(i)
