@@ -30,7 +30,7 @@ from pathlib import Path
 
 from cfdpo import counterfactual
 from cfdpo.errors import CfdpoError
-from cfdpo.generate import GenParams, cache_kwarg, plan_rows, resolve_dtype, run_generation
+from cfdpo.generate import GenParams, cache_kwarg, pad_batch, plan_rows, resolve_dtype, run_generation
 from cfdpo.runio import JsonlLog, read_json, write_json
 from cfdpo.scorers import make_scorer
 from cfdpo.scorers.base import words
@@ -153,11 +153,7 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_
         batch = items[b : b + batch_size]
         width = max(len(x[1]) for x in batch)
         keep = max(x[2] for x in batch) + 1
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, (_, full, _) in enumerate(batch):
-            ids[r, width - len(full) :] = torch.tensor(full)
-            mask[r, width - len(full) :] = 1
+        ids, mask = pad_batch([x[1] for x in batch], pad)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
@@ -195,31 +191,18 @@ def shared_context_logprobs(model, tokenizer, groups: list[tuple[str, list[str]]
     per = max(1, batch_size // max((len(x[2]) for x in fast), default=1))
     for b in range(0, len(fast), per):
         batch = fast[b : b + per]
-        width = max(len(x[1]) for x in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, (_, c, _) in enumerate(batch):  # contexts left-padded
-            ids[r, width - len(c) :] = torch.tensor(c)
-            mask[r, width - len(c) :] = 1
+        ids, mask = pad_batch([x[1] for x in batch], pad)  # contexts left-padded
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        k = [len(x[2]) for x in batch]
         rows = [(r, cont) for r, x in enumerate(batch) for cont in x[2]]
-        cwidth = max(len(c) for _, c in rows)
-        cids = torch.full((len(rows), cwidth), pad, dtype=torch.long)
-        cmask = torch.zeros((len(rows), cwidth), dtype=torch.long)
-        for j, (_, cont) in enumerate(rows):  # continuations right-padded after their context
-            cids[j, : len(cont)] = torch.tensor(cont)
-            cmask[j, : len(cont)] = 1
+        cids, cmask = pad_batch([cont for _, cont in rows], pad, left=False)  # continuations after their context
+        cwidth = cids.shape[1]
         src = torch.tensor([r for r, _ in rows])
         cache = DynamicCache(config=model.config)
         kv = {cache_kwarg(model): cache}
         with torch.inference_mode():
             last = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                          use_cache=True, logits_to_keep=1, **kv).logits[:, -1].float()
-            if len(set(k)) == 1:
-                cache.batch_repeat_interleave(k[0])
-            else:
-                cache.batch_select_indices(src.to(device))
+            cache.batch_select_indices(src.to(device))  # each context's cache once per continuation
             cpos = pos[src, -1:] + 1 + torch.arange(cwidth)
             logits = model(input_ids=cids.to(device), attention_mask=torch.cat([mask[src], cmask], 1).to(device),
                            position_ids=cpos.to(device), use_cache=True, **kv).logits.float()

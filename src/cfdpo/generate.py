@@ -105,6 +105,21 @@ def sample_next(logits, params: GenParams, generator):
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def pad_batch(seqs, pad: int, left: bool = True):
+    """Token lists as (ids, attention mask) tensors of the longest one's width, padded on the left
+    (prompts to continue) or on the right."""
+    import torch
+
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, x in enumerate(seqs):
+        cols = slice(width - len(x), width) if left else slice(0, len(x))
+        ids[r, cols] = torch.tensor(x, dtype=torch.long)
+        mask[r, cols] = 1
+    return ids, mask
+
+
 def cache_kwarg(model) -> str:
     """The forward argument that takes the KV cache: `cache` in newer transformers, else `past_key_values`."""
     import inspect
@@ -218,12 +233,7 @@ def generate_answers(
         per_batch = max(1, batch_size // k)
         for b in range(0, len(idxs), per_batch):
             batch = idxs[b : b + per_batch]
-            width = max(len(encoded[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, i in enumerate(batch):  # left padding
-                ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                mask[r, width - len(encoded[i]) :] = 1
+            ids, mask = pad_batch([encoded[i] for i in batch], pad_id)
             with torch.inference_mode():
                 new = decode(model, ids.to(device), mask.to(device), k, params, stop_ids.to(device),
                              seed * 1_000_003 + b).cpu()
