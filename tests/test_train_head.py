@@ -53,3 +53,69 @@ def test_lean_head_leaves_unpatched_models_alone(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert not lean_lm_head(SimpleNamespace(model=model))
     assert "forward" not in model.__dict__
+
+
+def _pair_batch(vocab: int):
+    """TRL's DPO layout: rows i and i+3 share a prompt (lengths 4, 6, 2), completions of other lengths,
+    right-padded."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, vocab, (n,), generator=g) for n in (4, 6, 2)]
+    comps = [torch.randint(3, vocab, (n,), generator=g) for n in (5, 2, 7, 3, 6, 1)]
+    rows = [torch.cat([prompts[i % 3], c]) for i, c in enumerate(comps)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(6, width, dtype=torch.long)
+    att = torch.zeros(6, width, dtype=torch.long)
+    labels = torch.full((6, width), -100)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], att[i, : len(r)] = r, 1
+        labels[i, len(prompts[i % 3]) : len(r)] = r[len(prompts[i % 3]) :]
+    return ids, att, labels
+
+
+def test_shared_prompt_pass_matches_trl_fused_head(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from cfdpo.train import lean_lm_head, shared_prompt
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    add_fused_lm_head(base, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids, att, labels = _pair_batch(base.config.vocab_size)
+    prompt_len, comp_len = shared_prompt({"input_ids": ids, "attention_mask": att, "use_cache": False}, labels)
+    assert prompt_len.tolist() == [4, 6, 2] and comp_len.tolist() == [5, 2, 7, 3, 6, 1]
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=att, labels=labels, fused_lm_head=True)
+        out.log_probs.sum().backward()
+        grads = [p.grad.clone() for n, p in model.named_parameters() if "lora_" in n]
+        return out, grads
+
+    want, want_grads = run()
+    assert lean_lm_head(SimpleNamespace(model=model))
+    got, got_grads = run()
+    assert torch.allclose(got.log_probs, want.log_probs, atol=1e-4)
+    assert torch.allclose(got.entropy, want.entropy, atol=1e-4)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g, w, atol=1e-5)
+    with torch.no_grad(), model.disable_adapter():  # the reference pass: log-probs only, no metrics
+        ref = model(input_ids=ids, attention_mask=att, labels=labels, fused_lm_head=True)
+    assert ref.entropy is None and ref.log_probs.shape == want.log_probs.shape
+
+
+def test_shared_prompt_needs_the_pair_layout():
+    from cfdpo.train import shared_prompt
+
+    ids, att, labels = _pair_batch(100)
+    kw = {"input_ids": ids, "attention_mask": att}
+    assert shared_prompt(kw, labels) is not None
+    other = ids.clone()
+    other[4, 1] += 1  # rejected row of pair 1 with another prompt token
+    assert shared_prompt({**kw, "input_ids": other}, labels) is None
+    assert shared_prompt({"input_ids": ids[:5], "attention_mask": att[:5]}, labels[:5]) is None  # odd rows
+    gap = labels.clone()
+    gap[0, 6] = -100  # a hole in a completion
+    assert shared_prompt(kw, gap) is None

@@ -128,8 +128,11 @@ def lean_lm_head(trainer) -> bool:
     (prompt and padding too) tile by tile in several passes, and recomputes the tiles in backward: on
     this project's 2-core CPU that was about half of a DPO step. Here the labelled positions go through
     the LM head in one matmul and an ordinary log-softmax (autograd does the backward); the metrics
-    come from the same logits without gradient. Returns whether it applied (CPU, TRL's patch present,
-    a plain LM head: no logit soft-capping or scaling); otherwise TRL's own path stays."""
+    come from the same logits without gradient, and only for the calls that report them (not the
+    reference pass with the adapter off; `log_sum_sq_probs` only for WPO weighting). A DPO batch's
+    chosen and rejected rows share their prompt: the prompt runs once (`shared_prompt_hidden`).
+    Returns whether it applied (CPU, TRL's patch present, a plain LM head: no logit soft-capping or
+    scaling); otherwise TRL's own path stays."""
     import types
 
     import torch
@@ -141,34 +144,95 @@ def lean_lm_head(trainer) -> bool:
                                                                "output_multiplier", "lm_head_multiplier", "logits_scaling"))
     if trl_forward is None or not plain or next(base.parameters()).device.type != "cpu":
         return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from trl.trainer.utils import FusedCausalLMOutput
 
+    adapter = next((m for m in base.modules() if isinstance(m, BaseTunerLayer)), None)
+    wpo = bool(getattr(trainer, "use_weighting", False))
+    packable = base.config._attn_implementation in ("sdpa", "eager")  # attention that takes a 4D mask
+
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
-        if not fused_lm_head or shift_labels is not None or kwargs.get("output_router_logits"):
+        if not fused_lm_head or args or shift_labels is not None or kwargs.get("output_router_logits"):
             return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                                num_items_in_batch=num_items_in_batch, **kwargs)
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
-        labels = labels[:, 1:].to(hidden.device)
-        mask = labels != -100
-        target = labels[mask]
-        head = self.get_output_embeddings()
-        logits = head(hidden[mask]).float()
+        mask = labels[:, 1:] != -100
+        split = shared_prompt(kwargs, labels) if packable else None
+        if split is None:
+            hidden = self.base_model(**kwargs).last_hidden_state[:, :-1][mask]
+        else:
+            hidden = shared_prompt_hidden(self.base_model, kwargs["input_ids"], *split)
+        target = labels[:, 1:][mask].to(hidden.device)
+        logits = self.get_output_embeddings()(hidden).float()
         logp = torch.log_softmax(logits, dim=-1)
         picked = logp.gather(-1, target[:, None])[:, 0]
-        with torch.no_grad():
-            p = logp.exp()
-            extras = (-(p * logp).sum(-1), torch.logsumexp(2 * logp, dim=-1), logits.mean(-1),
-                      (logits.argmax(-1) == target).float())
         full = lambda x: x.new_zeros(mask.shape).masked_scatter(mask, x)  # noqa: E731
-        log_probs = full(picked)
-        entropy, log_sum_sq_probs, mean_logits, is_top1 = (full(x) for x in extras)
+        extras = dict(entropy=None, log_sum_sq_probs=None, mean_logits=None, is_top1=None)
+        reference = not torch.is_grad_enabled() and adapter is not None and adapter.disable_adapters
+        if not reference:  # the metrics TRL logs, from the policy's logits
+            with torch.no_grad():
+                p = logp.exp()
+                extras.update(entropy=full(-(p * logp).sum(-1)), mean_logits=full(logits.mean(-1)),
+                              is_top1=full((logits.argmax(-1) == target).float()).bool())
+                if wpo:
+                    extras["log_sum_sq_probs"] = full(torch.logsumexp(2 * logp, dim=-1))
         loss = -picked.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
-                                   mean_logits=mean_logits, is_top1=is_top1.bool(), label_mask=mask, aux_loss=None)
+        return FusedCausalLMOutput(loss=loss, log_probs=full(picked), label_mask=mask, aux_loss=None, **extras)
 
     base.forward = types.MethodType(forward, base)
     return True
+
+
+def shared_prompt(kwargs: dict, labels):
+    """(prompt lengths, completion lengths) when a batch is TRL's DPO layout: rows i and i+B hold the
+    same prompt followed by two completions (the labelled tokens, one run each), right-padded; else None."""
+    import torch
+
+    ids, att = kwargs.get("input_ids"), kwargs.get("attention_mask")
+    others = {k for k, v in kwargs.items() if v is not None} - {"input_ids", "attention_mask", "use_cache"}
+    if ids is None or att is None or others or ids.shape[0] % 2 or ids.shape != labels.shape:
+        return None
+    half = ids.shape[0] // 2
+    lab = labels != -100
+    length = lab.sum(1)
+    start = lab.int().argmax(1)
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    end = (start + length)[:, None]
+    if (length == 0).any() or (start == 0).any() or not torch.equal(start[:half], start[half:]):
+        return None
+    if not (torch.equal(lab, (pos >= start[:, None]) & (pos < end)) and torch.equal(att.bool(), pos < end)):
+        return None
+    if not ((ids[:half] == ids[half:]) | (pos >= start[:half, None])).all():
+        return None
+    return start[:half], length
+
+
+def shared_prompt_hidden(body, ids, prompt_len, comp_len):
+    """The last hidden states that predict the completion tokens of a DPO batch (see `shared_prompt`), in
+    row-major order of the labelled positions, computing each prompt once: a pair runs as one row
+    `prompt | chosen | rejected` whose rejected tokens see the prompt but not the chosen ones (a 4D
+    attention mask) and keep their own positions. One forward of the shared tokens: in these pairs the
+    prompt was about a third of each sequence."""
+    import torch
+
+    half, dev = len(prompt_len), ids.device
+    chosen, rejected = comp_len[:half, None], comp_len[half:, None]
+    start = prompt_len[:, None]
+    cols = torch.arange(int((prompt_len + comp_len[:half] + comp_len[half:]).max()), device=dev)
+    seg = (cols >= start).long() + (cols >= start + chosen) + (cols >= start + chosen + rejected)  # prompt 0 .. pad 3
+    src_row = torch.where(seg == 2, torch.arange(half, 2 * half, device=dev)[:, None], torch.arange(half, device=dev)[:, None])
+    src_col = torch.where(seg == 2, cols - chosen, cols).clamp(max=ids.shape[1] - 1)
+    row_ids = ids[src_row, src_col].masked_fill(seg == 3, 0)
+    see = (cols[:, None] >= cols[None, :]) & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+    mask = see[:, None]
+    if body.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
+        mask = torch.zeros(mask.shape, device=dev).masked_fill(~mask, torch.finfo(torch.float32).min)
+    hidden = body(input_ids=row_ids, attention_mask=mask, position_ids=src_col, use_cache=False).last_hidden_state
+    j = torch.arange(int(comp_len.max()), device=dev)
+    at = torch.cat([start - 1 + j, torch.where(j == 0, start - 1, start + chosen + j - 1)])  # the position predicting token j
+    keep = j < comp_len[:, None]
+    rows = (torch.arange(2 * half, device=dev) % half)[:, None].expand_as(at)
+    return hidden[rows[keep], at[keep]]
 
 
 def _quiet(trainer, label: str = "train") -> None:
