@@ -12,7 +12,9 @@ Training paths (same pairs, same LoRA / beta / learning rate / batch / epochs, f
   trl-fp32      the same with bf16=False (the issue's fp32 baseline)
   cfdpo         cfdpo.train.train_dpo with cfdpo's default DPOSpec performance settings
   extra paths with --train: cfdpo-precompute (cfdpo + precompute_ref_log_probs), cfdpo-bf16 / cfdpo-fp32
-                (cfdpo with bf16 forced on / off), cfdpo-trlhead (cfdpo with TRL's own LM-head kernel)
+                (cfdpo with bf16 forced on / off), cfdpo-trlhead (cfdpo with TRL's own LM-head kernel),
+                cfdpo-noshare (chosen and rejected rows each run the prompt, as in TRL), cfdpo-loracast
+                (PEFT's fp32 cast of the LoRA inputs kept)
 Generation paths (same prompts, same sampling: temperature 0.7, top_p 0.9, --new-tokens):
   naive         model.generate one prompt at a time, fp32 (on the first --naive-prompts prompts)
   hf-batch16    model.generate batched 16, fp32, tokenizer left padding, defaults otherwise
@@ -143,6 +145,14 @@ def train_worker(path: str, n_pairs: int, n_score: int, workdir: Path) -> dict:
             import cfdpo.train
 
             cfdpo.train.lean_lm_head = lambda trainer: False
+        elif path == "cfdpo-noshare":  # cfdpo's LM head, but chosen and rejected each run their own prompt
+            import cfdpo.train
+
+            cfdpo.train.shared_prompt = lambda kwargs, labels: None
+        elif path == "cfdpo-loracast":  # cfdpo with PEFT's fp32 cast of the LoRA inputs left on
+            import cfdpo.train
+
+            cfdpo.train.bf16_lora_inputs = lambda trainer: False
         adapter = train_dpo(model_path, ds, spec, workdir / "adapter")
         seconds = time.perf_counter() - t0
         log = json.loads((adapter / "train_log.json").read_text())["log_history"]

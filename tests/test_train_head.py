@@ -119,3 +119,34 @@ def test_shared_prompt_needs_the_pair_layout():
     gap = labels.clone()
     gap[0, 6] = -100  # a hole in a completion
     assert shared_prompt(kw, gap) is None
+
+
+def test_bf16_lora_inputs_skips_the_round_trip_cast(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import AutoModelForCausalLM
+
+    from cfdpo.train import bf16_lora_inputs
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()  # PEFT keeps the adapter in fp32 for training
+    ids = torch.randint(3, base.config.vocab_size, (2, 9))
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits
+        logits.float().sum().backward()
+        return logits, [p.grad.clone() for n, p in model.named_parameters() if "lora_" in n]
+
+    want, want_grads = run()
+    assert not bf16_lora_inputs(SimpleNamespace(model=model, args=SimpleNamespace(bf16=False)))
+    assert bf16_lora_inputs(SimpleNamespace(model=model, args=SimpleNamespace(bf16=True)))
+    assert all(not m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer))
+    got, got_grads = run()
+    assert torch.equal(got, want)
+    assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))

@@ -183,6 +183,22 @@ def lean_lm_head(trainer) -> bool:
     return True
 
 
+def bf16_lora_inputs(trainer) -> bool:
+    """On CPU under bf16 autocast, hand the LoRA layers their bf16 inputs as they are. PEFT casts a LoRA
+    layer's input to its fp32 weights' dtype, and autocast casts it straight back to bf16 for the
+    matmul: two copies of the activations per adapted projection, forward and backward, for the same
+    numbers (the losses of a run are identical with and without them). Returns whether it applied."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    args = getattr(trainer, "args", None)
+    if not getattr(args, "bf16", False) or next(trainer.model.parameters()).device.type != "cpu":
+        return False
+    layers = [m for m in trainer.model.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    return bool(layers)
+
+
 def shared_prompt(kwargs: dict, labels):
     """(prompt lengths, completion lengths) when a batch is TRL's DPO layout: rows i and i+B hold the
     same prompt followed by two completions (the labelled tokens, one run each), right-padded; else None."""
@@ -346,6 +362,7 @@ def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: st
         set_seed(spec.seed)  # the LoRA init (made before the Trainer seeds) is the same on every run and rank
         trainer, n = make_trainer(model, tok, _common_args(spec, work))
         lean_lm_head(trainer)
+        bf16_lora_inputs(trainer)
         _quiet(trainer)
         _check_not_all_dropped(trainer, spec, n)
         result = trainer.train(resume_from_checkpoint=last_checkpoint(work))
