@@ -14,8 +14,7 @@ Training paths (same pairs, same LoRA / beta / learning rate / batch / epochs, f
   extra paths with --train: cfdpo-precompute (cfdpo + precompute_ref_log_probs), cfdpo-bf16 / cfdpo-fp32
                 (cfdpo with bf16 forced on / off), cfdpo-trlhead (cfdpo with TRL's own LM-head kernel),
                 cfdpo-noshare (chosen and rejected rows each run the prompt, as in TRL), cfdpo-loracast
-                (PEFT's fp32 cast of the LoRA inputs kept), cfdpo-sdpa (the packed rows' attention
-                through torch's masked sdpa kernel instead of eager attention)
+                (PEFT's fp32 cast of the LoRA inputs kept)
 Generation paths (same prompts, same sampling: temperature 0.7, top_p 0.9, --new-tokens):
   naive         model.generate one prompt at a time, fp32 (on the first --naive-prompts prompts)
   hf-batch16    model.generate batched 16, fp32, tokenizer left padding, defaults otherwise
@@ -150,10 +149,6 @@ def train_worker(path: str, n_pairs: int, n_score: int, workdir: Path) -> dict:
             import cfdpo.train
 
             cfdpo.train.shared_prompt = lambda kwargs, labels: None
-        elif path == "cfdpo-sdpa":  # the packed pair rows through torch's masked sdpa kernel, not eager attention
-            import cfdpo.train
-
-            cfdpo.train.EAGER_SCORES_BYTES = 0
         elif path == "cfdpo-loracast":  # cfdpo with PEFT's fp32 cast of the LoRA inputs left on
             import cfdpo.train
 

@@ -228,12 +228,6 @@ def shared_prompt(kwargs: dict, labels):
     return start[:half], length
 
 
-# the packed pass uses eager attention while its saved bf16 attention weights (rows x heads x width^2 x
-# layers) stay under this; eager fwd+bwd took 0.93x the time of torch's masked CPU sdpa kernel at
-# 4 rows of ~250 tokens (bench: cfdpo vs cfdpo-sdpa)
-EAGER_SCORES_BYTES = 512 * 2**20
-
-
 def shared_prompt_hidden(body, ids, prompt_len, comp_len):
     """The last hidden states that predict the completion tokens of a DPO batch (see `shared_prompt`), in
     row-major order of the labelled positions, computing each prompt once: a pair runs as one row
@@ -251,18 +245,10 @@ def shared_prompt_hidden(body, ids, prompt_len, comp_len):
     src_col = torch.where(seg == 2, cols - chosen, cols).clamp(max=ids.shape[1] - 1)
     row_ids = ids[src_row, src_col].masked_fill(seg == 3, 0)
     see = (cols[:, None] >= cols[None, :]) & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
-    cfg = body.config
-    impl = cfg._attn_implementation
-    if impl == "sdpa" and half * cfg.num_attention_heads * len(cols) ** 2 * 2 * cfg.num_hidden_layers <= EAGER_SCORES_BYTES:
-        impl = "eager"  # with a mask, torch's CPU sdpa kernel runs the whole square; plain matmuls were faster
     mask = see[:, None]
-    if impl == "eager":  # eager attention adds the mask to the scores
+    if body.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
         mask = torch.zeros(mask.shape, device=dev).masked_fill(~mask, torch.finfo(torch.float32).min)
-    kept, cfg._attn_implementation = cfg._attn_implementation, impl
-    try:
-        hidden = body(input_ids=row_ids, attention_mask=mask, position_ids=src_col, use_cache=False).last_hidden_state
-    finally:
-        cfg._attn_implementation = kept
+    hidden = body(input_ids=row_ids, attention_mask=mask, position_ids=src_col, use_cache=False).last_hidden_state
     j = torch.arange(int(comp_len.max()), device=dev)
     at = torch.cat([start - 1 + j, torch.where(j == 0, start - 1, start + chosen + j - 1)])  # the position predicting token j
     keep = j < comp_len[:, None]
