@@ -151,3 +151,32 @@ def test_bf16_lora_inputs_skips_the_round_trip_cast(tiny_model):
     got, got_grads = run()
     assert torch.equal(got, want)
     assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_picked_log_probs_is_log_softmax_gather(dtype):
+    from cfdpo.train import picked_log_probs
+
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(11, 97, generator=g) * 4).to(dtype)
+    target = torch.randint(0, 97, (11,), generator=g)
+    weight = torch.randn(11, generator=g)
+    ref = logits.clone().requires_grad_()
+    logp = torch.log_softmax(ref.float(), -1)
+    want = logp.gather(-1, target[:, None])[:, 0]
+    (want * weight).sum().backward()
+    x = logits.clone().requires_grad_()
+    picked, ent, mean, top, lss = picked_log_probs(x, target, metrics=True, wpo=True, chunk=4)  # 11 rows: a short last chunk
+    (picked * weight).sum().backward()
+    assert torch.equal(x.detach(), logits)  # the caller's logits are not overwritten (fp32: no copy by .float())
+    assert torch.allclose(picked, want, atol=1e-5)
+    assert x.grad.dtype == dtype
+    assert torch.allclose(x.grad.float(), ref.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
+    p = logp.exp()
+    assert torch.allclose(ent, -(p * logp).sum(-1), atol=1e-5)
+    assert torch.allclose(mean, ref.float().mean(-1), atol=1e-5)
+    assert torch.equal(top, ref.float().argmax(-1) == target)
+    assert torch.allclose(lss, torch.logsumexp(2 * logp, -1), atol=1e-5)
+    assert not ent.requires_grad and picked.requires_grad
+    picked, *rest = picked_log_probs(logits, target, metrics=False)
+    assert rest == [None, None, None, None] and torch.allclose(picked, want, atol=1e-5)

@@ -20,6 +20,7 @@ trip (`bf16_lora_inputs`). bench/run.py measures each against TRL's defaults.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -168,24 +169,81 @@ def lean_lm_head(trainer) -> bool:
         else:
             hidden = shared_prompt_hidden(self.base_model, kwargs["input_ids"], *split)
         target = labels[:, 1:][mask].to(hidden.device)
-        logits = self.get_output_embeddings()(hidden).float()
-        logp = torch.log_softmax(logits, dim=-1)
-        picked = logp.gather(-1, target[:, None])[:, 0]
-        full = lambda x: x.new_zeros(mask.shape).masked_scatter(mask, x)  # noqa: E731
-        extras = dict(entropy=None, log_sum_sq_probs=None, mean_logits=None, is_top1=None)
         reference = not torch.is_grad_enabled() and adapter is not None and adapter.disable_adapters
-        if not reference:  # the metrics TRL logs, from the policy's logits
-            with torch.no_grad():
-                p = logp.exp()
-                extras.update(entropy=full(-(p * logp).sum(-1)), mean_logits=full(logits.mean(-1)),
-                              is_top1=full((logits.argmax(-1) == target).float()).bool())
-                if wpo:
-                    extras["log_sum_sq_probs"] = full(torch.logsumexp(2 * logp, dim=-1))
+        picked, *metrics = picked_log_probs(self.get_output_embeddings()(hidden), target, not reference, wpo)
+        full = lambda x: None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)  # noqa: E731
+        extras = dict(zip(("entropy", "mean_logits", "is_top1", "log_sum_sq_probs"), map(full, metrics)))
+        extras["is_top1"] = None if extras["is_top1"] is None else extras["is_top1"].bool()
         loss = -picked.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         return FusedCausalLMOutput(loss=loss, log_probs=full(picked), label_mask=mask, aux_loss=None, **extras)
 
     base.forward = types.MethodType(forward, base)
     return True
+
+
+def picked_log_probs(logits, target, metrics: bool = True, wpo: bool = False, chunk: int = 8):
+    """log softmax(logits)[target] per row in fp32, and (without gradient) TRL's metrics when `metrics`:
+    entropy, mean logit, whether the target is the top-1 token, and with `wpo` logsumexp(2 log p).
+
+    Same numbers as `log_softmax(logits.float()).gather(...)`, but the [rows, vocab] fp32 tensors are
+    never materialised: rows go through in cache-sized chunks, forward and backward (where the softmax
+    is recomputed from the saved logits and row logsumexp and the gradient is written in the logits'
+    dtype); `bench/head.py` measures it against the plain version."""
+    picked, ent, mean, top, lss = _picked_function().apply(logits, target, metrics, wpo, chunk)
+    return picked, *(x if on else None for x, on in ((ent, metrics), (mean, metrics), (top, metrics), (lss, metrics and wpo)))
+
+
+def _chunks(n: int, size: int):
+    return (slice(s, s + size) for s in range(0, n, size))
+
+
+def _picked_forward(logits, target, metrics: bool, wpo: bool, chunk: int):
+    import torch
+
+    n = logits.shape[0]
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    lse, picked = torch.empty(n, **f32), torch.empty(n, **f32)
+    ent, mean = torch.empty(n if metrics else 0, **f32), torch.empty(n if metrics else 0, **f32)
+    top = torch.empty(n if metrics else 0, dtype=torch.bool, device=logits.device)
+    lss = torch.empty(n if wpo else 0, **f32)
+    for s in _chunks(n, chunk):
+        lf = logits[s].to(torch.float32, copy=True)
+        lse[s] = row_lse = torch.logsumexp(lf, -1)
+        picked[s] = lf.gather(-1, target[s, None])[:, 0] - row_lse
+        if metrics:
+            mean[s] = lf.mean(-1)
+            top[s] = lf.argmax(-1) == target[s]
+            logp = lf.sub_(row_lse[:, None])
+            ent[s] = -(logp.exp() * logp).sum(-1)
+            if wpo:
+                lss[s] = torch.logsumexp(2 * logp, dim=-1)
+    return picked, lse, ent, mean, top, lss
+
+
+@functools.cache
+def _picked_function():
+    import torch
+
+    class PickedLogProbs(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, target, metrics, wpo, chunk):
+            picked, lse, *rest = _picked_forward(logits, target, metrics, wpo, chunk)
+            ctx.save_for_backward(logits, target, lse)
+            ctx.chunk = chunk
+            ctx.mark_non_differentiable(*rest)
+            return picked, *rest
+
+        @staticmethod
+        def backward(ctx, grad, *_):  # d picked / d logits = onehot(target) - softmax(logits)
+            logits, target, lse = ctx.saved_tensors
+            out = torch.empty_like(logits)
+            for s in _chunks(logits.shape[0], ctx.chunk):
+                g = grad[s, None]
+                p = logits[s].to(torch.float32, copy=True).sub_(lse[s, None]).exp_().mul_(-g)
+                out[s] = p.scatter_add_(-1, target[s, None], g)
+            return out, None, None, None, None
+
+    return PickedLogProbs
 
 
 def bf16_lora_inputs(trainer) -> bool:
