@@ -73,7 +73,7 @@ def _pair_batch(vocab: int):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_shared_prompt_pass_matches_trl_fused_head(tiny_model, attn):
+def test_shared_prompt_pass_matches_trl_fused_head(tiny_model, attn, monkeypatch):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
@@ -97,7 +97,21 @@ def test_shared_prompt_pass_matches_trl_fused_head(tiny_model, attn):
 
     want, want_grads = run()
     assert lean_lm_head(SimpleNamespace(model=model))
+    import cfdpo.train as train
+    from transformers.integrations import sdpa_attention
+
+    calls = {"pairs": 0}
+    pair_attention = train.pair_attention
+
+    def counted(*a, **kw):
+        calls["pairs"] += kw.get("cfdpo_pairs") is not None
+        return pair_attention(*a, **kw)
+
+    monkeypatch.setattr(train, "pair_attention", counted)
+    if attn == "sdpa":  # packed: every layer's attention is cfdpo's, never the masked fallback
+        monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda *a, **kw: pytest.fail("fallback"))
     got, got_grads = run()
+    assert calls["pairs"] == (base.config.num_hidden_layers if attn == "sdpa" else 0)  # eager models: TRL's rows
     assert torch.allclose(got.log_probs, want.log_probs, atol=1e-4)
     assert torch.allclose(got.entropy, want.entropy, atol=1e-4)
     for g, w in zip(got_grads, want_grads):
@@ -180,3 +194,44 @@ def test_picked_log_probs_is_log_softmax_gather(dtype):
     assert not ent.requires_grad and picked.requires_grad
     picked, *rest = picked_log_probs(logits, target, metrics=False)
     assert rest == [None, None, None, None] and torch.allclose(picked, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_pair_attention_is_masked_attention(eager, monkeypatch):
+    """The two-part attention of a packed pair row equals sdpa over the row with its full mask (grouped
+    heads, pairs of different lengths), outputs and gradients, through both of its arithmetic paths."""
+    import cfdpo.train as train
+
+    monkeypatch.setattr(train, "EAGER_MAX_SCORES", 2**23 if eager else 0)
+    ids = torch.arange(40).repeat(4, 1)
+    prompt_len, comp_len = torch.tensor([3, 5]), torch.tensor([4, 2, 1, 6])  # chosen 4, 2; rejected 1, 6
+    seen = {}
+
+    class Body(torch.nn.Module):  # stands in for the model: records what shared_prompt_hidden hands it
+        config = SimpleNamespace(_attn_implementation="sdpa")
+
+        def forward(self, **kw):
+            seen.update(kw)
+            return SimpleNamespace(last_hidden_state=torch.zeros(1, kw["input_ids"].shape[1], 1))
+
+    train.shared_prompt_hidden(Body(), ids, prompt_len, comp_len)
+    assert seen["input_ids"].shape[1] == 3 + 4 + 1 + 5 + 2 + 6  # no padding
+    assert seen["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 3, 0, 1, 2, 3, 4, 5, 6, 5, 6, 7, 8, 9, 10]
+    full, parts = seen["attention_mask"], seen["cfdpo_pairs"]
+    assert full[0, 0, 7].tolist()[:8] == [True, True, True, False, False, False, False, True]  # rejected: prompt + itself
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 21, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
+    module = SimpleNamespace(training=True)
+    with torch.enable_grad():
+        got = train.pair_attention(module, q, k, v, full, scaling=0.3, cfdpo_pairs=parts)[0]
+        (got * torch.arange(got.numel()).view(got.shape).sin()).sum().backward()
+    got_grads = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=0.3, enable_gqa=True)
+    want = want.transpose(1, 2)
+    (want * torch.arange(want.numel()).view(want.shape).sin()).sum().backward()
+    assert got.shape == want.shape == (1, 21, 4, 8)
+    assert torch.allclose(got, want, atol=1e-5)
+    for a, b in zip(got_grads, (q.grad, k.grad, v.grad)):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -155,7 +155,7 @@ def lean_lm_head(trainer) -> bool:
 
     adapter = next((m for m in base.modules() if isinstance(m, BaseTunerLayer)), None)
     wpo = bool(getattr(trainer, "use_weighting", False))
-    packable = base.config._attn_implementation in ("sdpa", "eager")  # attention that takes a 4D mask
+    packable = base.config._attn_implementation == "sdpa" and not _windowed(cfg)  # see pair_attention
 
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         if not fused_lm_head or args or shift_labels is not None or kwargs.get("output_router_logits"):
@@ -188,7 +188,7 @@ def picked_log_probs(logits, target, metrics: bool = True, wpo: bool = False, ch
     Same numbers as `log_softmax(logits.float()).gather(...)`, but the [rows, vocab] fp32 tensors are
     never materialised: rows go through in cache-sized chunks, forward and backward (where the softmax
     is recomputed from the saved logits and row logsumexp and the gradient is written in the logits'
-    dtype); `bench/head.py` measures it against the plain version."""
+    dtype); `bench/kernels.py` measures it against the plain version."""
     picked, ent, mean, top, lss = _picked_function().apply(logits, target, metrics, wpo, chunk)
     return picked, *(x if on else None for x, on in ((ent, metrics), (mean, metrics), (top, metrics), (lss, metrics and wpo)))
 
@@ -246,6 +246,38 @@ def _picked_function():
     return PickedLogProbs
 
 
+EAGER_MAX_SCORES = 2**23  # larger score tensors go through sdpa (eager keeps them for backward)
+
+
+def _attend(q, k, v, mask, scale, dropout: float):
+    """Attention of q [b, h, n, d] over k, v [b, h_kv, m, d] (grouped-query heads as in transformers'
+    `repeat_kv`) where the boolean `mask` [b or 1, 1, n, m] allows. When gradients are on and the scores
+    are small, with plain matmuls (transformers' eager arithmetic: fp32 softmax): on this project's CPU
+    torch's sdpa kernel was the slower of the two for a DPO batch's parts forward+backward (its backward
+    most), a DPO step about 12 % slower with it; otherwise (no gradient, large scores) with torch's sdpa."""
+    import torch
+
+    b, h, n, d = q.shape
+    kv, m = k.shape[1], k.shape[2]
+    if not torch.is_grad_enabled() or b * h * n * m > EAGER_MAX_SCORES:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                                                enable_gqa=kv != h)
+    g = h // kv
+    scores = (q.reshape(b, kv, g * n, d) @ k.transpose(-1, -2)) * (d**-0.5 if scale is None else scale)
+    scores = scores.view(b, kv, g, n, m).masked_fill(~mask[:, :, None], float("-inf"))
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout:
+        p = torch.nn.functional.dropout(p, dropout)
+    return (p.view(b, kv, g * n, m) @ v).view(b, h, n, d)
+
+
+def _windowed(cfg) -> bool:
+    """Whether some layer of the model attends through a sliding window (a packed row's full mask would not)."""
+    types = getattr(cfg, "layer_types", None) or []
+    return any(t != "full_attention" for t in types) or (
+        getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True) is not False)
+
+
 def bf16_lora_inputs(trainer) -> bool:
     """On CPU under bf16 autocast, hand the LoRA layers their bf16 inputs as they are. PEFT casts a LoRA
     layer's input to its fp32 weights' dtype, and autocast casts it straight back to bf16 for the
@@ -288,30 +320,84 @@ def shared_prompt(kwargs: dict, labels):
 
 def shared_prompt_hidden(body, ids, prompt_len, comp_len):
     """The last hidden states that predict the completion tokens of a DPO batch (see `shared_prompt`), in
-    row-major order of the labelled positions, computing each prompt once: a pair runs as one row
-    `prompt | chosen | rejected` whose rejected tokens see the prompt but not the chosen ones (a 4D
-    attention mask) and keep their own positions. One forward of the shared tokens: in these pairs the
-    prompt was about a third of each sequence."""
+    row-major order of the labelled positions, computing each prompt once and no padding: the batch runs
+    as one row `prompt | chosen | rejected | prompt | chosen | rejected ...` whose tokens keep their own
+    positions. Attention (`pair_attention`) runs in two batched parts, prompt+chosen causally and the
+    rejected tokens against their prompt and themselves, so none of the masked-out blocks of a packed
+    square is computed. The row also carries its full 4D mask, so a model whose attention does not go
+    through transformers' attention interface computes the same, only slower."""
     import torch
+    from torch.nn.utils.rnn import pad_sequence
 
     half, dev = len(prompt_len), ids.device
-    chosen, rejected = comp_len[:half, None], comp_len[half:, None]
-    start = prompt_len[:, None]
-    cols = torch.arange(int((prompt_len + comp_len[:half] + comp_len[half:]).max()), device=dev)
-    seg = (cols >= start).long() + (cols >= start + chosen) + (cols >= start + chosen + rejected)  # prompt 0 .. pad 3
-    src_row = torch.where(seg == 2, torch.arange(half, 2 * half, device=dev)[:, None], torch.arange(half, device=dev)[:, None])
-    src_col = torch.where(seg == 2, cols - chosen, cols).clamp(max=ids.shape[1] - 1)
-    row_ids = ids[src_row, src_col].masked_fill(seg == 3, 0)
-    see = (cols[:, None] >= cols[None, :]) & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
-    mask = see[:, None]
-    if body.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
-        mask = torch.zeros(mask.shape, device=dev).masked_fill(~mask, torch.finfo(torch.float32).min)
-    hidden = body(input_ids=row_ids, attention_mask=mask, position_ids=src_col, use_cache=False).last_hidden_state
-    j = torch.arange(int(comp_len.max()), device=dev)
-    at = torch.cat([start - 1 + j, torch.where(j == 0, start - 1, start + chosen + j - 1)])  # the position predicting token j
-    keep = j < comp_len[:, None]
-    rows = (torch.arange(2 * half, device=dev) % half)[:, None].expand_as(at)
-    return hidden[rows[keep], at[keep]]
+    ar = lambda a, b: torch.arange(a, b, device=dev)  # noqa: E731
+    plen, clen = prompt_len.tolist(), comp_len.tolist()
+    toks, pos, kind, first, second, keys, at_c, at_r, o = [], [], [], [], [], [], [], [], 0
+    for i in range(half):
+        p, c, r = plen[i], clen[i], clen[half + i]
+        toks += [ids[i, : p + c], ids[half + i, p : p + r]]
+        pos += [ar(0, p + c), ar(p, p + r)]
+        kind.append(torch.tensor([i * 3] * p + [i * 3 + 1] * c + [i * 3 + 2] * r, device=dev))
+        first.append(ar(o, o + p + c))  # prompt+chosen: causal
+        second.append(ar(o + p + c, o + p + c + r))  # rejected queries
+        keys.append(torch.cat([ar(o, o + p), ar(o + p + c, o + p + c + r)]))  # ... see the prompt and themselves
+        at_c.append(ar(o + p - 1, o + p + c - 1))  # the position predicting each completion token
+        at_r.append(torch.cat([ar(o + p - 1, o + p), ar(o + p + c, o + p + c + r - 1)]))
+        o += p + c + r
+    a = pad_sequence(first, batch_first=True, padding_value=0)  # padding at the end of a causal row: never seen
+    q2 = pad_sequence(second, batch_first=True, padding_value=0)  # padded queries: computed, not used
+    k2 = pad_sequence(keys, batch_first=True, padding_value=0)
+    prompt = prompt_len[:, None, None]
+    qi, kj = ar(0, q2.shape[1])[None, :, None], ar(0, k2.shape[1])[None, None, :]
+    mask2 = (kj < prompt) | ((kj - prompt <= qi) & (kj - prompt < comp_len[half:, None, None]))
+    slot_a = (ar(0, half)[:, None] * a.shape[1] + ar(0, a.shape[1]))[ar(0, a.shape[1]) < comp_len[:half, None] + prompt_len[:, None]]
+    slot_b = (a.numel() + ar(0, half)[:, None] * q2.shape[1] + ar(0, q2.shape[1]))[ar(0, q2.shape[1]) < comp_len[half:, None]]
+    src = torch.empty(o, dtype=torch.long, device=dev)
+    src[torch.cat(first)], src[torch.cat(second)] = slot_a, slot_b
+    parts = dict(a=a, q2=q2, k2=k2, mask2=mask2[:, None], src=src)
+    seg = torch.cat(kind)
+    full = (ar(0, o)[:, None] >= ar(0, o)[None, :]) & (seg[:, None] // 3 == seg[None, :] // 3)
+    full &= ~((seg[:, None] % 3 == 2) & (seg[None, :] % 3 == 1))  # rejected tokens do not see the chosen ones
+    row = torch.cat(toks)[None]
+    cfg, before = body.config, body.config._attn_implementation
+    _register_pair_attention()
+    cfg._attn_implementation = "cfdpo_pairs"
+    try:
+        hidden = body(input_ids=row, attention_mask=full[None, None], position_ids=torch.cat(pos)[None], use_cache=False,
+                      cfdpo_pairs=parts).last_hidden_state
+    finally:
+        cfg._attn_implementation = before
+    return hidden[0, torch.cat(at_c + at_r)]
+
+
+@functools.cache
+def _register_pair_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("cfdpo_pairs", pair_attention)
+
+
+def pair_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, cfdpo_pairs=None, **kwargs):
+    """transformers attention function for a packed pair row (`shared_prompt_hidden`): one causal
+    attention over every pair's prompt+chosen tokens (batched, padded at the end) and one of every pair's
+    rejected tokens over its prompt and rejected tokens. Without `cfdpo_pairs`, or with attention
+    features it does not do (sliding window, soft-capping, sinks), it is transformers' sdpa attention
+    with the given mask."""
+    import torch
+    from transformers.integrations import sdpa_attention
+
+    if cfdpo_pairs is None or any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux")):
+        return sdpa_attention.sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                                     dropout=dropout, **kwargs)
+    parts, drop = cfdpo_pairs, dropout if module.training else 0.0
+    q, k, v = query[0], key[0], value[0]  # [heads, tokens, dim]
+    take = lambda x, idx: x[:, idx].transpose(0, 1)  # noqa: E731  [heads, pairs, n, dim] -> [pairs, heads, n, dim]
+    n = parts["a"].shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[None, None]
+    first = _attend(take(q, parts["a"]), take(k, parts["a"]), take(v, parts["a"]), causal, scaling, drop)
+    second = _attend(take(q, parts["q2"]), take(k, parts["k2"]), take(v, parts["k2"]), parts["mask2"], scaling, drop)
+    both = torch.cat([first.transpose(0, 1).flatten(1, 2), second.transpose(0, 1).flatten(1, 2)], dim=1)
+    return both[:, parts["src"]].transpose(0, 1)[None].contiguous(), None
 
 
 def _quiet(trainer, label: str = "train") -> None:
