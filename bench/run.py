@@ -14,7 +14,8 @@ Training paths (same pairs, same LoRA / beta / learning rate / batch / epochs, f
   extra paths with --train: cfdpo-precompute (cfdpo + precompute_ref_log_probs), cfdpo-bf16 / cfdpo-fp32
                 (cfdpo with bf16 forced on / off), cfdpo-trlhead (cfdpo with TRL's own LM-head kernel),
                 cfdpo-noshare (chosen and rejected rows each run the prompt, as in TRL), cfdpo-loracast
-                (PEFT's fp32 cast of the LoRA inputs kept)
+                (PEFT's fp32 cast of the LoRA inputs kept), cfdpo-sdpa (the packed rows' attention through
+                torch's sdpa kernel also when training, instead of matmuls)
 Generation paths (same prompts, same sampling: temperature 0.7, top_p 0.9, --new-tokens):
   naive         model.generate one prompt at a time, fp32 (on the first --naive-prompts prompts)
   hf-batch16    model.generate batched 16, fp32, tokenizer left padding, defaults otherwise
@@ -41,7 +42,9 @@ import common  # noqa: E402
 
 SAMPLING = dict(temperature=0.7, top_p=0.9)
 TRAIN_PATHS = ["trl-default", "trl-fp32", "cfdpo"]
-GEN_PATHS = ["naive", "hf-batch16", "cfdpo"]  # extra: cfdpo-fp32
+TRAIN_EXTRA = ["cfdpo-precompute", "cfdpo-bf16", "cfdpo-fp32", "cfdpo-trlhead", "cfdpo-noshare", "cfdpo-loracast", "cfdpo-sdpa"]
+GEN_PATHS = ["naive", "hf-batch16", "cfdpo"]
+GEN_EXTRA = ["cfdpo-fp32"]
 
 
 def dpo_spec(**over):
@@ -153,6 +156,10 @@ def train_worker(path: str, n_pairs: int, n_score: int, workdir: Path) -> dict:
             import cfdpo.train
 
             cfdpo.train.bf16_lora_inputs = lambda trainer: False
+        elif path == "cfdpo-sdpa":  # cfdpo with torch's sdpa kernel for the packed rows' attention, also with gradients
+            import cfdpo.train
+
+            cfdpo.train.EAGER_MAX_SCORES = 0
         adapter = train_dpo(model_path, ds, spec, workdir / "adapter")
         seconds = time.perf_counter() - t0
         log = json.loads((adapter / "train_log.json").read_text())["log_history"]
@@ -315,6 +322,10 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    for flag, known in (("train", TRAIN_PATHS + TRAIN_EXTRA), ("generate", GEN_PATHS + GEN_EXTRA)):
+        bad = [p for p in getattr(args, flag).split(",") if p and p not in known]
+        if bad:
+            ap.error(f"--{flag}: unknown path {bad[0]!r}; known: {', '.join(known)}")
     if args.worker:
         kind, path = args.worker.split(":")
         import tempfile
