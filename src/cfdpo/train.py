@@ -13,9 +13,11 @@ a rerun resumes from the last complete checkpoint there (and removes it after su
 adapter whose `train_log.json` records the same pairs (`pairs_sha256`) is not trained again.
 
 On CPU the trainer keeps TRL's loss and loop but its forward is cheaper (`lean_lm_head`): only the
-labelled positions go through the LM head, a pair's chosen and rejected answers share one pass
-over their prompt (`shared_prompt_hidden`), and under bf16 the LoRA inputs skip PEFT's fp32 round
-trip (`bf16_lora_inputs`). bench/run.py measures each against TRL's defaults.
+labelled positions go through the LM head and are scored in cache-sized chunks (`picked_log_probs`),
+a batch runs as one padding-free row in which a pair's chosen and rejected answers share one pass
+over their prompt (`shared_prompt_hidden`, `pair_attention`), and under bf16 the LoRA inputs skip
+PEFT's fp32 round trip (`bf16_lora_inputs`). bench/run.py measures each against TRL's defaults,
+bench/kernels.py the LM head and the attention alone.
 """
 
 from __future__ import annotations
@@ -133,12 +135,12 @@ def lean_lm_head(trainer) -> bool:
     Without Triton its kernel falls back to torch code that projects and scores *every* position
     (prompt and padding too) tile by tile in several passes, and recomputes the tiles in backward: on
     this project's 2-core CPU that was about half of a DPO step. Here the labelled positions go through
-    the LM head in one matmul and an ordinary log-softmax (autograd does the backward); the metrics
-    come from the same logits without gradient, and only for the calls that report them (not the
-    reference pass with the adapter off; `log_sum_sq_probs` only for WPO weighting). A DPO batch's
-    chosen and rejected rows share their prompt: the prompt runs once (`shared_prompt_hidden`).
-    Returns whether it applied (CPU, TRL's patch present, a plain LM head: no logit soft-capping or
-    scaling); otherwise TRL's own path stays."""
+    the LM head in one matmul and are scored in chunks (`picked_log_probs`); the metrics come from the
+    same logits without gradient, and only for the calls that report them (not the reference pass
+    with the adapter off; `log_sum_sq_probs` only for WPO weighting). A DPO batch's chosen and rejected
+    rows share their prompt, and the batch runs without padding (`shared_prompt_hidden`; models with
+    sdpa attention and no sliding window, else TRL's rows). Returns whether it applied (CPU, TRL's
+    patch present, a plain LM head: no logit soft-capping or scaling); otherwise TRL's own path stays."""
     import types
 
     import torch
@@ -246,20 +248,20 @@ def _picked_function():
     return PickedLogProbs
 
 
-EAGER_MAX_SCORES = 2**23  # larger score tensors go through sdpa (eager keeps them for backward)
+EAGER_MAX_SCORES = 2**23  # attention scores per call above which `_attend` uses sdpa
 
 
 def _attend(q, k, v, mask, scale, dropout: float):
     """Attention of q [b, h, n, d] over k, v [b, h_kv, m, d] (grouped-query heads as in transformers'
-    `repeat_kv`) where the boolean `mask` [b or 1, 1, n, m] allows. When gradients are on and the scores
-    are small, with plain matmuls (transformers' eager arithmetic: fp32 softmax): on this project's CPU
-    torch's sdpa kernel was the slower of the two for a DPO batch's parts forward+backward (its backward
-    most), a DPO step about 12 % slower with it; otherwise (no gradient, large scores) with torch's sdpa."""
+    `repeat_kv`) where the boolean `mask` [b or 1, 1, n, m] allows. While the scores are small, with
+    plain matmuls (transformers' eager arithmetic: fp32 softmax), which on this project's CPU beat
+    torch's sdpa kernel on a DPO batch's parts, forward and backward (`bench/run.py --train
+    cfdpo-sdpa`); larger scores (eager keeps them for backward) go through sdpa."""
     import torch
 
     b, h, n, d = q.shape
     kv, m = k.shape[1], k.shape[2]
-    if not torch.is_grad_enabled() or b * h * n * m > EAGER_MAX_SCORES:
+    if b * h * n * m > EAGER_MAX_SCORES:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
                                                                 enable_gqa=kv != h)
     g = h // kv
@@ -354,7 +356,8 @@ def shared_prompt_hidden(body, ids, prompt_len, comp_len):
     slot_b = (a.numel() + ar(0, half)[:, None] * q2.shape[1] + ar(0, q2.shape[1]))[ar(0, q2.shape[1]) < comp_len[half:, None]]
     src = torch.empty(o, dtype=torch.long, device=dev)
     src[torch.cat(first)], src[torch.cat(second)] = slot_a, slot_b
-    parts = dict(a=a, q2=q2, k2=k2, mask2=mask2[:, None], src=src)
+    causal = torch.ones(a.shape[1], a.shape[1], dtype=torch.bool, device=dev).tril()[None, None]
+    parts = dict(a=a, q2=q2, k2=k2, causal=causal, mask2=mask2[:, None], src=src)
     seg = torch.cat(kind)
     full = (ar(0, o)[:, None] >= ar(0, o)[None, :]) & (seg[:, None] // 3 == seg[None, :] // 3)
     full &= ~((seg[:, None] % 3 == 2) & (seg[None, :] % 3 == 1))  # rejected tokens do not see the chosen ones
@@ -390,14 +393,17 @@ def pair_attention(module, query, key, value, attention_mask=None, scaling=None,
         return sdpa_attention.sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                                      dropout=dropout, **kwargs)
     parts, drop = cfdpo_pairs, dropout if module.training else 0.0
-    q, k, v = query[0], key[0], value[0]  # [heads, tokens, dim]
-    take = lambda x, idx: x[:, idx].transpose(0, 1)  # noqa: E731  [heads, pairs, n, dim] -> [pairs, heads, n, dim]
-    n = parts["a"].shape[1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[None, None]
-    first = _attend(take(q, parts["a"]), take(k, parts["a"]), take(v, parts["a"]), causal, scaling, drop)
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [tokens, heads, dim], token-major in memory
+
+    def take(x, idx):  # [pairs, heads, n, dim]; index_select: its backward is a cheap index_add
+        return x.index_select(0, idx.flatten()).view(*idx.shape, *x.shape[1:]).transpose(1, 2)
+
+    def flat(out):  # [pairs, heads, n, dim] -> [pairs * n, heads, dim]
+        return out.transpose(1, 2).reshape(-1, *out.shape[1:2], out.shape[-1])
+
+    first = _attend(take(q, parts["a"]), take(k, parts["a"]), take(v, parts["a"]), parts["causal"], scaling, drop)
     second = _attend(take(q, parts["q2"]), take(k, parts["k2"]), take(v, parts["k2"]), parts["mask2"], scaling, drop)
-    both = torch.cat([first.transpose(0, 1).flatten(1, 2), second.transpose(0, 1).flatten(1, 2)], dim=1)
-    return both[:, parts["src"]].transpose(0, 1)[None].contiguous(), None
+    return torch.cat([flat(first), flat(second)]).index_select(0, parts["src"])[None], None
 
 
 def _quiet(trainer, label: str = "train") -> None:
