@@ -9,14 +9,20 @@
   pairs' means 49 / 91 / 85; 9 query and 3 key-value heads of 64 as in the default model; bf16):
   cfdpo's padding-free packed row (`cfdpo.train.pair_attention`) vs one `prompt | chosen | rejected`
   row per pair, right-padded, through sdpa with the 4D mask (cfdpo's previous layout).
-Prints milliseconds per call and the ratio plain / cfdpo; writes nothing.
+Prints milliseconds per call and the ratio plain / cfdpo (the fastest of --repeats calls each) and
+writes the table to bench/results/kernels-<stamp>.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -124,10 +130,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=10)
     a = ap.parse_args()
-    print(f"{torch.get_num_threads()} threads; fastest of {a.repeats} calls")
-    print("| kernel | plain ms | cfdpo ms | plain / cfdpo |\n|---|---|---|---|")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    lines = [f"# cfdpo kernels {stamp}", "",
+             f"`bench/kernels.py --repeats {a.repeats}`: {torch.get_num_threads()} threads; fastest of {a.repeats} calls", "",
+             "| kernel | plain ms | cfdpo ms | plain / cfdpo |", "|---|---|---|---|"]
     for name, p, c in head_rows(a.repeats) + attention_rows(a.repeats):
-        print(f"| {name} | {p:.1f} | {c:.1f} | {p / c:.2f}x |")
+        lines.append(f"| {name} | {p:.1f} | {c:.1f} | {p / c:.2f}x |")
+    print("\n".join(lines))
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
+    out = common.RESULTS / f"kernels-{stamp}.md"
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

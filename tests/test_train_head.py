@@ -121,6 +121,30 @@ def test_shared_prompt_pass_matches_trl_fused_head(tiny_model, attn, monkeypatch
     assert ref.entropy is None and ref.log_probs.shape == want.log_probs.shape
 
 
+def test_shared_prompt_falls_back_for_a_model_without_extra_arguments(tiny_model):
+    """A model whose forward takes no extra keyword arguments (custom code) trains on TRL's rows."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from cfdpo.train import lean_lm_head
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    add_fused_lm_head(base, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    ids, att, labels = _pair_batch(base.config.vocab_size)
+    want = model(input_ids=ids, attention_mask=att, labels=labels, fused_lm_head=True).log_probs
+    body, forward = base.model, base.model.forward
+    body.forward = lambda input_ids=None, attention_mask=None, position_ids=None, use_cache=None: forward(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache)
+    assert lean_lm_head(SimpleNamespace(model=model))
+    for _ in range(2):  # the first call finds out, the second goes straight to TRL's rows
+        got = model(input_ids=ids, attention_mask=att, labels=labels, fused_lm_head=True).log_probs
+        assert torch.allclose(got, want, atol=1e-4)
+    assert base.config._attn_implementation == "sdpa"
+
+
 def test_shared_prompt_needs_the_pair_layout():
     from cfdpo.train import shared_prompt
 

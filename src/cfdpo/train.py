@@ -157,7 +157,7 @@ def lean_lm_head(trainer) -> bool:
 
     adapter = next((m for m in base.modules() if isinstance(m, BaseTunerLayer)), None)
     wpo = bool(getattr(trainer, "use_weighting", False))
-    packable = base.config._attn_implementation == "sdpa" and not _windowed(cfg)  # see pair_attention
+    packable = [base.config._attn_implementation == "sdpa" and not _windowed(cfg)]  # see pair_attention
 
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         if not fused_lm_head or args or shift_labels is not None or kwargs.get("output_router_logits"):
@@ -165,11 +165,17 @@ def lean_lm_head(trainer) -> bool:
                                num_items_in_batch=num_items_in_batch, **kwargs)
         kwargs["use_cache"] = False
         mask = labels[:, 1:] != -100
-        split = shared_prompt(kwargs, labels) if packable else None
-        if split is None:
+        split = shared_prompt(kwargs, labels) if packable[0] else None
+        hidden = None
+        if split is not None:
+            try:
+                hidden = shared_prompt_hidden(self.base_model, kwargs["input_ids"], *split)
+            except TypeError as e:  # a model whose forward takes no extra keyword arguments: TRL's rows
+                if "cfdpo_pairs" not in str(e):
+                    raise
+                packable[0] = False
+        if hidden is None:
             hidden = self.base_model(**kwargs).last_hidden_state[:, :-1][mask]
-        else:
-            hidden = shared_prompt_hidden(self.base_model, kwargs["input_ids"], *split)
         target = labels[:, 1:][mask].to(hidden.device)
         reference = not torch.is_grad_enabled() and adapter is not None and adapter.disable_adapters
         picked, *metrics = picked_log_probs(self.get_output_embeddings()(hidden), target, not reference, wpo)
@@ -183,7 +189,7 @@ def lean_lm_head(trainer) -> bool:
     return True
 
 
-def picked_log_probs(logits, target, metrics: bool = True, wpo: bool = False, chunk: int = 8):
+def picked_log_probs(logits, target, metrics: bool = True, wpo: bool = False, chunk: int = 64):
     """log softmax(logits)[target] per row in fp32, and (without gradient) TRL's metrics when `metrics`:
     entropy, mean logit, whether the target is the top-1 token, and with `wpo` logsumexp(2 log p).
 
@@ -377,7 +383,7 @@ def shared_prompt_hidden(body, ids, prompt_len, comp_len):
 def _register_pair_attention() -> None:
     from transformers import AttentionInterface
 
-    AttentionInterface.register("cfdpo_pairs", pair_attention)
+    AttentionInterface.register("cfdpo_pairs", lambda *args, **kwargs: pair_attention(*args, **kwargs))
 
 
 def pair_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, cfdpo_pairs=None, **kwargs):
