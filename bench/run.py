@@ -268,7 +268,8 @@ def summarise(res: dict) -> str:
     peak32, peak16 = res["peak_gflops"]["float32"], res["peak_gflops"]["bfloat16"]
     lines = [f"# cfdpo bench {res['stamp']}", "",
              f"`{res['command']}` on {res['cpus']} CPUs (torch threads {res['threads']}, load average at start "
-             f"{res['loadavg']}); matmul peak {peak32:.0f} GFLOP/s fp32, {peak16:.0f} GFLOP/s bf16.", ""]
+             f"{res['loadavg']}, OMP_WAIT_POLICY {res.get('env', {}).get('OMP_WAIT_POLICY') or 'unset'}, every path); "
+             f"matmul peak {peak32:.0f} GFLOP/s fp32, {peak16:.0f} GFLOP/s bf16.", ""]
     train = res.get("train", {})
     if train:
         base = train.get("trl-default")

@@ -47,7 +47,8 @@ def test_two_processes_generate_the_same_keys_and_train_the_same_loss_curve(tiny
     move by more than 5e-3 so that the comparison means something.
     """
     base = tiny_recipe(tiny_model, variants=["negation"])
-    base["dpo"].update(epochs=2, learning_rate=0.005)
+    # fp32: the comparison is about the distribution; bf16 rounding differs with how many pairs share a packed row
+    base["dpo"].update(epochs=2, learning_rate=0.005, bf16=False)
     one = tmp_path / "one"
     assert main(["generate", str(one), "--recipe", str(write_recipe(tmp_path / "r4.yaml", base))]) == 0
 
