@@ -1,0 +1,67 @@
+"""The one table of Counterfactual DPO variants; everything else derives from it.
+
+| variant     | prompt given to DPO | chosen            | rejected          | teaches                            |
+|-------------|---------------------|-------------------|-------------------|------------------------------------|
+| enc         | control  x_c        | treatment y_t     | control   y_c     | do the desired thing unasked       |
+| dis         | control  x_c        | control   y_c     | negative  y_n     | move away from the undesired thing |
+| contrastive | control  x_c        | treatment y_t     | negative  y_n     | both at once                       |
+| negation    | negative x_n        | control   y_c     | negative  y_n     | ignore an inappropriate instruction |
+
+A *condition* is one counterfactual version of a prompt (control, treatment, negative); a
+*variant* is one row of this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CONDITIONS = ("control", "treatment", "negative")
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    prompt: str  # condition whose messages form the DPO prompt
+    chosen: str  # condition whose answer is preferred
+    rejected: str  # condition whose answer is dispreferred
+    label: str  # the paper's name, for reports
+    teaches: str
+
+    @property
+    def conditions(self) -> tuple[str, ...]:
+        """The conditions this variant needs answers for, in `CONDITIONS` order."""
+        used = {self.prompt, self.chosen, self.rejected}
+        return tuple(c for c in CONDITIONS if c in used)
+
+    @property
+    def instructions(self) -> tuple[str, ...]:
+        """The behaviour instructions (treatment, negative) this variant needs."""
+        return tuple(c for c in self.conditions if c != "control")
+
+
+TABLE: tuple[VariantSpec, ...] = (
+    VariantSpec("enc", "control", "treatment", "control", "Counterfactual ENC", "do the desired thing unasked"),
+    VariantSpec("dis", "control", "control", "negative", "Counterfactual DIS", "move away from the undesired thing"),
+    VariantSpec("contrastive", "control", "treatment", "negative", "Contrastive", "both at once"),
+    VariantSpec("negation", "negative", "control", "negative", "Instruction Negation",
+                "ignore an inappropriate instruction"),
+)
+BY_NAME: dict[str, VariantSpec] = {v.name: v for v in TABLE}
+NAMES: tuple[str, ...] = tuple(BY_NAME)
+
+# Adapters besides the variants: `sft` (the supervised baseline on the chosen answers) and `multi`
+# (one adapter on the pairs of several behaviours, benchmark only). Evaluation and reports list
+# trained models in this order.
+TRAINED_ORDER: tuple[str, ...] = ("sft", *NAMES, "multi")
+# Where the SFT baseline takes its targets from: the first of these variants a recipe trains
+# (control prompt -> treatment answer; without treatment answers, negation's negative prompt ->
+# control answer, the context-distillation analogue).
+SFT_SOURCES: tuple[str, ...] = ("enc", "contrastive", "negation")
+
+
+def get(name: str) -> VariantSpec:
+    from cfdpo.errors import CfdpoError
+
+    if name not in BY_NAME:
+        raise CfdpoError(f"unknown variant '{name}'; expected one of: {', '.join(NAMES)}")
+    return BY_NAME[name]
