@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import tiny_recipe, write_recipe
 
-from cfdpo.benchmark import fmt_ms, mean_std, render_results, targets, union_pairs
+from cfdpo.benchmark.aggregate import mean_std
+from cfdpo.benchmark.plan import Plan
+from cfdpo.benchmark.runner import ResultsStore, union_pairs
+from cfdpo.benchmark.tables import fmt_ms, render_results, write_results
+from cfdpo.benchmark.targets import load_targets, target_rows
+from cfdpo.errors import CfdpoError
 from cfdpo.evaluate import continuation_logprobs, load_mcq, mcq_accuracy, mcq_context, shared_context_logprobs
+
+REPO_TARGETS = Path(__file__).resolve().parents[1] / "bench" / "targets.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +124,11 @@ def _fake_results() -> dict:
 
 
 def test_targets_say_met_or_missed_and_by_how_much():
-    t = {x["target"]: x for x in targets(_fake_results())}
+    rows = target_rows(_fake_results(), load_targets(REPO_TARGETS))
+    assert [x["target"] for x in rows][:3] == ["pirate negation: score under the negative instruction ≤ 10% of base's",
+                                               "pirate/plain/negation: nll_ratio ≤ 1.05",
+                                               "pirate/plain/negation: MCQ accuracy within 2 points of base"]
+    t = {x["target"]: x for x in rows}
     neg = t["pirate negation: score under the negative instruction ≤ 10% of base's"]
     assert neg["met"] is True and "10% of base" in neg["value"]  # mean 0.2 vs 2.0
     nll = t["pirate/plain/negation: nll_ratio ≤ 1.05"]
@@ -125,12 +138,92 @@ def test_targets_say_met_or_missed_and_by_how_much():
 
 
 def test_render_results_has_command_sizes_and_mean_std(tmp_path):
-    from cfdpo.benchmark import Plan
-
     res = _fake_results()
     text = render_results(res, Plan({}, 2, tmp_path, tmp_path), [])
     assert "cfdpo benchmark x" in text and "## Sizes" in text and "## pirate" in text
     assert "| `negation` | 0.000 ± 0.000 | 0.200 ± 0.141 |" in text
+    assert "No target rules given" in text and "SmolLM2" not in text  # the setting and targets come from the file
+    text = render_results(res, Plan({}, 2, tmp_path, tmp_path, targets=load_targets(REPO_TARGETS)), [])
+    assert "Model: SmolLM2-135M-Instruct (the embedded default), CPU. 2 seeds" in text
+    assert f"Rules from `{REPO_TARGETS}`." in text and "| pirate/plain/negation: nll_ratio ≤ 1.05 | 1.050 | yes |" in text
+
+
+def test_target_rules_judge_every_comparison():
+    runs = _fake_results()
+    rule = {"recipe": "pirate", "model": "negation", "checks": [
+        {"label": "at most", "metric": "negative.score", "compare": "at_most", "threshold": 0.1},
+        {"label": "share", "metric": "negative.score", "compare": "share_of", "reference": "prompted", "threshold": 25},
+        {"label": "times", "metric": "negative.score", "compare": "times_of", "reference": "prompted", "threshold": 0.1, "digits": 1},
+        {"label": "missing", "metric": "negative.nothing", "compare": "at_most", "threshold": 1}]}
+    got = target_rows(runs, load_targets_from({"targets": [rule]}))
+    assert got == [
+        {"target": "at most", "value": "0.200", "met": False, "gap": "+0.100"},
+        {"target": "share", "value": "0.200 vs prompted 1.000 (20% of prompted)", "met": True, "gap": "-5 points of prompted's score"},
+        {"target": "times", "value": "0.2 vs prompted 1.0 (0.20×)", "met": False, "gap": "+0.10×"},
+    ]
+
+
+def load_targets_from(data: dict, tmp: Path | None = None):
+    import tempfile
+
+    import yaml
+
+    path = Path(tempfile.mkdtemp(dir=tmp)) / "targets.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return load_targets(path)
+
+
+@pytest.mark.parametrize("rule, message", [
+    ({"recipe": "x", "checks": [{"label": "a", "metric": "nll_ratio", "compare": "share_of", "threshold": 1}]}, "give 'reference'"),
+    ({"recipe": "x", "checks": [{"label": "a", "metric": "nll_ratio", "compare": "below", "threshold": 1}]}, "targets.0.checks.0.compare"),
+    ({"recipe": "x", "checks": [{"label": "{run}", "metric": "nll_ratio", "compare": "at_most", "threshold": 1}]}, "only {recipe}"),
+    ({"recipe": "x", "config": "sometimes", "checks": [{"label": "a", "metric": "m", "compare": "at_most", "threshold": 1}]}, "config 'sometimes'"),
+    ({"recipe": "x", "checks": []}, "targets.0.checks"),
+])
+def test_bad_target_rules_are_one_line_errors_naming_the_file_and_field(tmp_path, rule, message):
+    with pytest.raises(CfdpoError, match="targets.yaml: ") as err:
+        load_targets_from({"targets": [rule]}, tmp_path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_plan_takes_the_repo_targets_from_its_root_and_none_elsewhere(tmp_path, monkeypatch):
+    from cfdpo.benchmark.plan import Sizes, make_plan
+
+    recipe = write_recipe(tmp_path / "pirate.yaml", tiny_recipe(tmp_path, variants=["negation"]))
+
+    def plan(targets=None):
+        return make_plan([recipe], 1, tmp_path, tmp_path, Sizes(), None, None, "", targets)
+
+    monkeypatch.chdir(REPO_TARGETS.parents[1])
+    assert plan().targets.source == str(Path("bench") / "targets.yaml") and plan().targets.targets
+    monkeypatch.chdir(tmp_path)
+    assert plan().targets.targets == []
+    assert plan(REPO_TARGETS).targets.source == str(REPO_TARGETS)
+    with pytest.raises(CfdpoError, match="nope.yaml: targets file not found"):
+        plan(tmp_path / "nope.yaml")
+
+
+def test_results_store_records_runs_and_skips_with_reasons(tmp_path):
+    saved = []
+    store = ResultsStore(tmp_path / "results.json", "cfdpo benchmark x", 2, on_save=saved.append)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"models": {"base": {}, "enc": {}}}))
+    run = SimpleNamespace(dir=run_dir, recipe=SimpleNamespace(variants=["enc"], model_dump=lambda mode: {"variants": ["enc"]}))
+    store.record("concise", "plain", 0, run, 12.34)
+    store.record("concise", "plain", 0, run, 20.0)  # a second record of one run replaces the first
+    store.skip("concise", "filter", 0, "no pairs kept")
+    with pytest.raises(ValueError):
+        store.skip("concise", "bestofk", 0, "")
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["recipe"], r["config"], r["seed"], r["seconds"]) for r in on_disk["runs"]] == [("concise", "plain", 0, 20.0)]
+    assert on_disk["skipped"] == [{"recipe": "concise", "config": "filter", "seed": 0, "why": "no pairs kept"}]
+    assert len(saved) == 3 and saved[-1] is store.results
+    # a new invocation sees the finished run and its earlier wall time
+    again = ResultsStore(tmp_path / "results.json", "cfdpo benchmark x", 2)
+    assert again.finished("concise", "plain", 0, run_dir, {"enc"}) == 20.0
+    assert again.finished("concise", "plain", 0, run_dir, {"enc", "multi"}) is None
+    assert again.results["runs"] == []
 
 
 def test_benchmark_end_to_end_tiny_model(tiny_model, tmp_path):
@@ -151,9 +244,17 @@ def test_benchmark_end_to_end_tiny_model(tiny_model, tmp_path):
             "--samples", "2", "--pair-quality", "pirate:negation"]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
-    configs = sorted((r["recipe"], r["config"], r["seed"]) for r in res["runs"])
-    assert configs == sorted([(n, "plain", s) for n in ("pirate", "concise") for s in (0, 1)]
-                             + [("pirate", c, s) for c in ("filter", "bestofk") for s in (0, 1)])
+    text = (docs / "RESULTS.md").read_text()
+    # every planned run either ran or is listed as skipped with its reason (a filter may keep no pair on the
+    # tiny model's answers, which differ between CPUs); the plain runs always ran
+    ran = {(r["recipe"], r["config"], r["seed"]) for r in res["runs"]}
+    skipped = {(sk["recipe"], sk["config"], sk["seed"]): sk["why"] for sk in res.get("skipped", [])}
+    plain = {(n, "plain", s) for n in ("pirate", "concise") for s in (0, 1)}
+    planned = plain | {("pirate", c, s) for c in ("filter", "bestofk") for s in (0, 1)}
+    assert plain <= ran and ran <= planned and not ran & set(skipped)
+    assert ran | set(skipped) == planned and len(ran) == len(res["runs"]) and len(skipped) == len(res.get("skipped", []))
+    for (name, config, seed), why in skipped.items():
+        assert why and f"- {name} {config} seed {seed}: {why}" in text.split("## Runs that did not train")[1]
     for r in res["runs"]:
         models = r["metrics"]["models"]
         assert all(0.0 <= m["mcq_accuracy"] <= 1.0 for m in models.values())
@@ -168,7 +269,6 @@ def test_benchmark_end_to_end_tiny_model(tiny_model, tmp_path):
     assert (out / "pirate" / "seed1-bestofk" / "pairs" / "negation" / "stats.json").is_file()
     best = json.loads((out / "pirate" / "seed0-bestofk" / "pairs" / "negation" / "stats.json").read_text())
     assert best["best_of_k"] is True and best["count"] <= 4
-    text = (docs / "RESULTS.md").read_text()
     assert "cfdpo benchmark" in text or "Generated by" in text
     assert "±" in text and "## Pair quality" in text and "## Several behaviours in one adapter" in text
     assert (docs / "benchmark_scores.png").read_bytes()[:4] == b"\x89PNG"
@@ -178,10 +278,9 @@ def test_benchmark_end_to_end_tiny_model(tiny_model, tmp_path):
     assert main(args) == 0
     assert {q: q.stat().st_mtime_ns for q in out.rglob("adapter_model.safetensors")} == stamps
     assert (out / "pirate" / "seed1" / "metrics.json").read_bytes() == metrics_before
-    assert len(json.loads((out / "results.json").read_text())["runs"]) == len(res["runs"])
+    rerun = json.loads((out / "results.json").read_text())
+    assert len(rerun["runs"]) == len(res["runs"]) and rerun.get("skipped") == res.get("skipped")
     # regenerating RESULTS.md keeps a hand-written discussion
-    from cfdpo.benchmark import Plan, write_results
-
     (docs / "RESULTS.md").write_text(text + "\n## Discussion\n\nkept\n")
     write_results(res, Plan({}, 2, out, docs))
     assert (docs / "RESULTS.md").read_text().endswith("## Discussion\n\nkept\n")

@@ -25,12 +25,18 @@ MODEL_NOTES = {
 }
 
 
-def _fmt(x, digits: int = 3) -> str:
+def fmt_value(x, digits: int = 3) -> str:
+    """A metrics-table cell (here and in the benchmark's RESULTS.md): a float to `digits` decimals, None as '–'."""
     if x is None:
         return "–"
     if isinstance(x, float):
         return f"{x:.{digits}f}"
     return str(x)
+
+
+def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines: the header, its rule, one line per row."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def table_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
@@ -43,8 +49,8 @@ def table_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
     for name, m in metrics["models"].items():
         row = [name]
         for c in conds:
-            row += [_fmt(m.get(c, {}).get("score")), _fmt(m.get(c, {}).get("mean_words"), 1)]
-        row += [_fmt(m.get("nll_ratio"))]
+            row += [fmt_value(m.get(c, {}).get("score")), fmt_value(m.get(c, {}).get("mean_words"), 1)]
+        row += [fmt_value(m.get("nll_ratio"))]
         extras = {"mcq_accuracy": m.get("mcq_accuracy")}
         for task, vals in (m.get("lm_eval") or {}).items():  # lm-eval: each task's accuracy-like metric
             key = next((k for k in ("acc", "acc_norm", "exact_match") if k in vals), None)
@@ -54,7 +60,7 @@ def table_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
             if value is not None:
                 if extra not in head:
                     head.append(extra)
-                row.append(_fmt(value))
+                row.append(fmt_value(value))
         rows.append(row)
     return head, rows
 
@@ -146,9 +152,8 @@ def render_md(metrics: dict, sample_rows: list[dict], plots: list[Path], run_dir
         f"Scorer `{b['scorer']}` ({b.get('unit', '')}); **{b['desired']}** is better. "
         f"{metrics.get('n_eval_prompts', '?')} held-out prompts. `nll_ratio` = mean per-token NLL of the base "
         "model's held-out control answers under the model, divided by the base model's own.", "",
-        "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+        *md_table(head, rows),
     ]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "Models: " + "; ".join(f"`{n}` {MODEL_NOTES.get(n, '')}" for n in metrics["models"]), ""]
     for p in plots:
         lines += [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})", ""]
@@ -157,8 +162,7 @@ def render_md(metrics: dict, sample_rows: list[dict], plots: list[Path], run_dir
         lines += ["## Sample answers", ""]
         for s in sample_rows:
             lines += [f"**Prompt** ({s['condition']}): {_md_cell(s['prompt'])}", "",
-                      "| model | answer |", "|---|---|"]
-            lines += [f"| {n} | {_md_cell(s['answers'].get(n, ''))} |" for n in names if n in s["answers"]]
+                      *md_table(["model", "answer"], [[n, _md_cell(s["answers"][n])] for n in names if n in s["answers"]])]
             lines.append("")
     return "\n".join(lines) + "\n"
 

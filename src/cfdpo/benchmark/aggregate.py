@@ -1,0 +1,41 @@
+"""The benchmark's results across seeds: the runs of one recipe and pair config, one metric's
+values in them, and their mean and sample standard deviation."""
+
+from __future__ import annotations
+
+import math
+
+UNTRAINED = ("base", "prompted")  # the models every run has besides its adapters: the references
+# The pair configs a recipe can run with (its `pairs` overrides), in the order RESULTS.md lists them.
+PAIR_CONFIGS = {"plain": {}, "filter": {"filter": True}, "bestofk": {"best_of_k": True}}
+
+
+def runs_of(results: dict, recipe: str, config: str) -> list[dict]:
+    """The recorded runs of one recipe and pair config, by seed."""
+    return sorted((r for r in results["runs"] if r["recipe"] == recipe and r["config"] == config), key=lambda r: r["seed"])
+
+
+def metric_values(runs: list[dict], model: str, *path: str) -> list:
+    """One metric of one model in each run (None where the run lacks it): path ('negative', 'score')."""
+    out = []
+    for r in runs:
+        x = r["metrics"]["models"].get(model)
+        for k in path:
+            x = x.get(k) if isinstance(x, dict) else None
+        out.append(x)
+    return out
+
+
+def percent(values: list) -> list:
+    """Fractions (accuracies) as percentages; None stays None."""
+    return [None if v is None else 100 * v for v in values]
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1; 0 for one value) of the values that are not None/NaN."""
+    xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd

@@ -1,0 +1,98 @@
+"""What a benchmark runs: the recipes, seeds, sizes, pair-quality and multi-behaviour picks, the
+target rules, and the recipe each run is made with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cfdpo.benchmark.targets import Targets, load_targets
+from cfdpo.errors import CfdpoError
+from cfdpo.spec import Recipe, load_recipe
+
+REPO_TARGETS = Path("bench") / "targets.yaml"  # the cfdpo repository's rules, used when run from its root
+
+
+@dataclass
+class Sizes:
+    train_size: int | None = None
+    eval_size: int | None = None
+    samples: int | None = None  # generation samples per condition for the pair-quality recipes (best-of-k's k)
+    mcq_items: int | None = None
+
+
+@dataclass
+class Plan:
+    recipes: dict[str, Path]  # behaviour name -> recipe file
+    seeds: int
+    out: Path
+    docs: Path
+    sizes: Sizes = field(default_factory=Sizes)
+    pair_quality: list[tuple[str, str]] = field(default_factory=list)  # (recipe name, variant)
+    multi: list[tuple[str, str]] = field(default_factory=list)
+    command: str = ""
+    targets: Targets = field(default_factory=Targets)
+
+
+def parse_pick(value: str, recipes: dict[str, Recipe], what: str) -> tuple[str, str]:
+    """'pirate:negation' -> ('pirate', 'negation'), checked against the recipes."""
+    name, _, variant = value.partition(":")
+    if name not in recipes:
+        raise CfdpoError(f"{what} '{value}': no recipe named '{name}' in this benchmark ({', '.join(recipes)})")
+    if variant not in recipes[name].variants:
+        raise CfdpoError(f"{what} '{value}': expected RECIPE:VARIANT with a variant of {name} "
+                         f"({', '.join(recipes[name].variants)})")
+    return name, variant
+
+
+def derive(recipe: Recipe, seed: int, sizes: Sizes, pair_quality: bool, pairs: dict | None = None,
+           variants: list[str] | None = None) -> dict:
+    """The recipe as the benchmark runs it for one seed (a plain dict, ready for YAML)."""
+    d = recipe.model_dump(mode="json")
+    d["generation"]["seed"] = seed
+    d["dpo"]["seed"] = seed
+    d["evaluation"]["mcq"] = True
+    if sizes.mcq_items:
+        d["evaluation"]["mcq_items"] = sizes.mcq_items
+    if sizes.train_size:
+        d["prompts"]["train_size"] = sizes.train_size
+    if sizes.eval_size:
+        d["prompts"]["eval_size"] = sizes.eval_size
+    if pair_quality and sizes.samples:
+        d["generation"]["samples"] = sizes.samples
+    if pairs:
+        d["pairs"].update(pairs)
+    if variants:
+        d["variants"] = variants
+    return d
+
+
+def default_picks(names: list[str]) -> tuple[list[str], list[str]]:
+    pq = [p for p in ("pirate:negation", "concise:enc") if p.split(":")[0] in names]
+    multi = ["pirate:negation", "concise:enc"] if {"pirate", "concise"} <= set(names) else []
+    return pq, multi
+
+
+def make_plan(recipe_paths: list[Path], seeds: int, out: Path, docs: Path, sizes: Sizes,
+              pair_quality: list[str] | None, multi: list[str] | None, command: str,
+              targets: Path | None = None) -> Plan:
+    """`targets` None: the repository's bench/targets.yaml when the current directory has one, else no targets."""
+    if seeds < 1:
+        raise CfdpoError("--seeds: expected 1 or more")
+    recipes: dict[str, Recipe] = {}
+    paths: dict[str, Path] = {}
+    for p in recipe_paths:
+        r = load_recipe(p)
+        if r.behaviour.name in recipes:
+            raise CfdpoError(f"{p}: behaviour '{r.behaviour.name}' is already in this benchmark; names must differ")
+        recipes[r.behaviour.name] = r
+        paths[r.behaviour.name] = p
+    dpq, dmulti = default_picks(list(recipes))
+    pq = [parse_pick(v, recipes, "--pair-quality") for v in (dpq if pair_quality is None else pair_quality)]
+    mu = [parse_pick(v, recipes, "--multi") for v in (dmulti if multi is None else multi)]
+    if len(mu) == 1:
+        raise CfdpoError("--multi: give two or more RECIPE:VARIANT picks")
+    if targets is None and REPO_TARGETS.is_file():
+        targets = REPO_TARGETS
+    rules = load_targets(targets) if targets is not None else Targets()
+    return Plan(paths, seeds, out, docs, sizes, pq, mu, command, rules)

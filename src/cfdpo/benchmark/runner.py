@@ -1,0 +1,219 @@
+"""Running a benchmark plan; results.json as a `ResultsStore`.
+
+    out/
+      recipes/<name>-seed<s>[-filter|-bestofk].yaml   the derived recipes the runs were made with
+      <name>/seed<s>/            the plain run (all variants + the SFT baseline); adapters/multi added later
+      <name>/seed<s>-filter/     scorer-filtered pairs (pair-quality recipes, one variant)
+      <name>/seed<s>-bestofk/    best-of-k pairs
+      multi/seed<s>/             union of two recipes' pairs and the adapter trained on it
+      results.json               every run's metrics, sizes and wall time; the runs skipped and why
+
+Seeds vary generation sampling and training (`generation.seed`, `dpo.seed`); `prompts.seed` is
+kept, so every seed is evaluated on the same held-out prompts. Evaluation is greedy, so the base
+and prompted answers (and their multiple-choice scores) are the same for every seed and are
+copied between runs instead of recomputed; the filter / best-of-k runs reuse the plain run's
+training answers, so they differ only in which pairs are kept.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from cfdpo.benchmark.aggregate import PAIR_CONFIGS, UNTRAINED
+from cfdpo.benchmark.plan import Plan, derive
+from cfdpo.benchmark.tables import write_results
+from cfdpo.errors import CfdpoError
+from cfdpo.runio import JsonlLog, read_json, write_atomic, write_json
+from cfdpo.spec import load_recipe
+from cfdpo.variants import SFT_SOURCES
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _key(row: dict) -> tuple[str, str, int]:
+    return row["recipe"], row["config"], row["seed"]
+
+
+class ResultsStore:
+    """results.json of one benchmark invocation: the runs recorded and the configs skipped (with their
+    reason), saved after every change so an interrupted benchmark keeps them; and the runs an earlier
+    invocation recorded, whose wall time a rerun keeps for the runs it finds finished."""
+
+    def __init__(self, path: Path, command: str, seeds: int, on_save: Callable[[dict], object] = lambda results: None):
+        self.path = path
+        self.on_save = on_save  # e.g. rewrite RESULTS.md from the results
+        self.previous = read_json(path)["runs"] if path.is_file() else []
+        self.results: dict = {"command": command, "seeds": seeds, "runs": [], "started": _now()}
+
+    def finished(self, recipe: str, config: str, seed: int, run_dir: Path, expected: set[str]) -> float | None:
+        """The earlier seconds of a run whose metrics already cover every expected model; None: run it."""
+        metrics = run_dir / "metrics.json"
+        if not metrics.is_file() or not expected <= set(read_json(metrics)["models"]):
+            return None
+        return next((r["seconds"] for r in self.previous if _key(r) == (recipe, config, seed)), 0.0)
+
+    def record(self, recipe: str, config: str, seed: int, run, seconds: float) -> None:
+        """A finished run (a pipeline `Run`): its recipe, metrics and pair stats, replacing an earlier record."""
+        self.results["runs"] = [r for r in self.results["runs"] if _key(r) != (recipe, config, seed)]
+        self.results["runs"].append({
+            "recipe": recipe, "config": config, "seed": seed, "dir": str(run.dir), "seconds": round(seconds, 1),
+            "recipe_data": run.recipe.model_dump(mode="json"), "metrics": read_json(run.dir / "metrics.json"),
+            "pairs": {v: read_json(run.dir / "pairs" / v / "stats.json") for v in run.recipe.variants
+                      if (run.dir / "pairs" / v / "stats.json").is_file()},
+        })
+        self.save()
+
+    def skip(self, recipe: str, config: str, seed: int, why: str) -> None:
+        """A config that did not train, and why (RESULTS.md lists it)."""
+        if not why:
+            raise ValueError(f"{recipe} {config} seed {seed}: a skipped run needs its reason")
+        self.results.setdefault("skipped", []).append({"recipe": recipe, "config": config, "seed": seed, "why": why})
+        self.save()
+
+    def seconds(self, recipe: str, config: str, seed: int) -> float:
+        return next(r["seconds"] for r in self.results["runs"] if _key(r) == (recipe, config, seed))
+
+    def finish(self, seconds: float) -> None:
+        self.results["seconds"] = round(seconds, 1)
+        self.results["finished"] = _now()
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.path, self.results)
+        self.on_save(self.results)
+
+
+def union_pairs(parts: dict[str, list[dict]], seed: int) -> list[dict]:
+    """Several behaviours' pairs as one shuffled training set; each pair keeps a `source` tag."""
+    rows = [{**p, "source": name} for name, ps in parts.items() for p in ps]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def _copy_eval_cache(src: Path, dst: Path) -> None:
+    """Seed a new run's evaluation caches with the base / prompted answers and all MCQ results of `src`."""
+    s_ans, d_ans = src / "eval" / "answers.jsonl", dst / "eval" / "answers.jsonl"
+    if s_ans.is_file() and not d_ans.exists():
+        rows = [r for r in JsonlLog(s_ans).rows if r.get("model_label") in UNTRAINED]
+        JsonlLog(d_ans).append(rows)
+    s_mcq, d_mcq = src / "eval" / "mcq.json", dst / "eval" / "mcq.json"
+    if s_mcq.is_file():
+        merged = {**read_json(s_mcq), **(read_json(d_mcq) if d_mcq.is_file() else {})}
+        write_json(d_mcq, merged)
+
+
+def _open(plan: Plan, data: dict, tag: str, run_dir: Path):
+    from cfdpo.pipeline import open_run
+
+    path = plan.out / "recipes" / f"{tag}.yaml"
+    write_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    return open_run(run_dir, path)
+
+
+def _log(msg: str) -> None:
+    print(f"[benchmark {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_benchmark(plan: Plan) -> dict:
+    from cfdpo import pipeline
+
+    recipes = {name: load_recipe(p) for name, p in plan.recipes.items()}
+    pq = dict(plan.pair_quality)
+    store = ResultsStore(plan.out / "results.json", plan.command, plan.seeds,
+                         on_save=lambda results: write_results(results, plan))  # RESULTS.md after every run
+    t_all = time.perf_counter()
+
+    for seed in range(plan.seeds):
+        plain_runs = {}
+        multi_done = False
+        for name, recipe in recipes.items():
+            t0 = time.perf_counter()
+            data = derive(recipe, seed, plan.sizes, name in pq)
+            run_dir = plan.out / name / f"seed{seed}"
+            if seed > 0:
+                _copy_eval_cache(plan.out / name / "seed0", run_dir)
+            run = _open(plan, data, f"{name}-seed{seed}", run_dir)
+            sft = any(v in run.recipe.variants for v in SFT_SOURCES)
+            old = store.finished(name, "plain", seed, run_dir, set(run.recipe.variants) | ({"sft"} if sft else set()))
+            if old is None:
+                _log(f"{name} seed {seed}: plain run{' + SFT' if sft else ''}")
+                try:
+                    pipeline.run_all(run, sft=sft)
+                except CfdpoError as e:  # e.g. no pairs left after filtering: report it, run the rest
+                    _log(f"{name} seed {seed}: failed: {e}")
+                    store.skip(name, "plain", seed, str(e))
+                    continue
+            plain_runs[name] = run
+            store.record(name, "plain", seed, run, time.perf_counter() - t0 + (old or 0.0))
+            for config in ("filter", "bestofk"):
+                if name not in pq:
+                    continue
+                t0 = time.perf_counter()
+                qdir = plan.out / name / f"seed{seed}-{config}"
+                qdir.mkdir(parents=True, exist_ok=True)
+                if not (qdir / "answers.jsonl").exists():
+                    shutil.copyfile(run_dir / "answers.jsonl", qdir / "answers.jsonl")
+                _copy_eval_cache(run_dir, qdir)
+                qdata = derive(recipe, seed, plan.sizes, True, PAIR_CONFIGS[config], [pq[name]])
+                qrun = _open(plan, qdata, f"{name}-seed{seed}-{config}", qdir)
+                old = store.finished(name, config, seed, qdir, {pq[name]})
+                if old is None:
+                    _log(f"{name} seed {seed}: {config} pairs, variant {pq[name]}")
+                    pipeline.generate(qrun)  # nothing new: the plain run's answers are there
+                    kept = pipeline.build_pairs(qrun)[pq[name]]["count"]
+                    if kept == 0:  # nothing to train on: say so in RESULTS.md instead of failing the benchmark
+                        store.skip(name, config, seed, "no pairs kept")
+                        continue
+                    pipeline.train(qrun)
+                    pipeline.evaluate(qrun)
+                    pipeline.report(qrun)
+                store.record(name, config, seed, qrun, time.perf_counter() - t0 + (old or 0.0))
+            # the multi-behaviour adapter as soon as its recipes' pairs exist
+            if not multi_done and len(plan.multi) >= 2 and all(n in plain_runs for n, _ in plan.multi):
+                multi_done = True
+                t0 = time.perf_counter()
+                _log(f"seed {seed}: multi-behaviour adapter on {' + '.join(f'{n}:{v}' for n, v in plan.multi)}")
+                adapter = train_multi(plan, plain_runs, seed)
+                for mname, _ in plan.multi:
+                    mrun = plain_runs[mname]
+                    dst = mrun.dir / "adapters" / "multi"
+                    if store.finished(mname, "plain", seed, mrun.dir, {"multi"}) is not None and dst.is_dir():
+                        continue
+                    if dst.exists():
+                        shutil.rmtree(dst)
+                    shutil.copytree(adapter, dst)
+                    pipeline.evaluate(mrun)
+                    pipeline.report(mrun)
+                    store.record(mname, "plain", seed, mrun, store.seconds(mname, "plain", seed) + time.perf_counter() - t0)
+    store.finish(time.perf_counter() - t_all)
+    return store.results
+
+
+def train_multi(plan: Plan, runs: dict, seed: int) -> Path:
+    """One DPO adapter on the union of the chosen recipes' pairs: the first recipe's DPO settings with
+    the lowest learning rate among the recipes (twice the pairs at the same rate as a single adapter
+    moved the model too far: MCQ -6.7 points at seed 0 with pirate's 1e-3)."""
+    from cfdpo.pairs import load_pairs, write_pairs
+    from cfdpo.train import set_threads, train_dpo
+
+    parts = {f"{n}:{v}": load_pairs(runs[n].dir / "pairs" / v).to_list() for n, v in plan.multi}
+    pairs = union_pairs(parts, seed)
+    d = plan.out / "multi" / f"seed{seed}"
+    stats = {"count": len(pairs), "parts": {k: len(v) for k, v in parts.items()}}
+    ds_dir = write_pairs(pairs, d / "pairs", stats)
+    first = runs[plan.multi[0][0]]
+    out = d / "adapter"
+    if not (out / "adapter_config.json").is_file():
+        set_threads()
+        lr = min(runs[n].recipe.dpo.learning_rate for n, _ in plan.multi)
+        spec = first.recipe.dpo.model_copy(update={"learning_rate": lr})
+        train_dpo(first.model_path, load_pairs(ds_dir), spec, out)
+    return out

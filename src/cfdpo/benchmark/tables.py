@@ -1,0 +1,171 @@
+"""docs/RESULTS.md: mean ± std tables over seeds, the targets table, and a hand-written tail kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cfdpo.benchmark.aggregate import PAIR_CONFIGS, mean_std, metric_values, percent, runs_of
+from cfdpo.benchmark.plan import Plan
+from cfdpo.benchmark.plots import plot_results
+from cfdpo.benchmark.targets import Targets, target_rows
+from cfdpo.report import fmt_value, md_table
+from cfdpo.runio import write_atomic
+from cfdpo.variants import NAMES
+
+
+def fmt_ms(values: list[float], digits: int = 2) -> str:
+    """'mean ± std' over seeds; the mean alone for one value, '–' for none."""
+    m, sd = mean_std(values)
+    if m is None or len([v for v in values if v is not None]) == 1:
+        return fmt_value(m, digits)
+    return f"{fmt_value(m, digits)} ± {sd:.{digits}f}"
+
+
+def recipe_table(results: dict, recipe: str, config: str = "plain") -> list[str]:
+    runs = runs_of(results, recipe, config)
+    if not runs:
+        return []
+    m0 = runs[0]["metrics"]
+    conds = m0["conditions"]
+    head = ["model"] + [f"score ({c})" for c in conds] + [f"words ({c})" for c in conds] + ["nll_ratio", "MCQ acc", "MCQ acc (norm)"]
+    rows = []
+    for name in m0["models"]:
+        row = [f"`{name}`"]
+        row += [fmt_ms(metric_values(runs, name, c, "score"), 3) for c in conds]
+        row += [fmt_ms(metric_values(runs, name, c, "mean_words"), 1) for c in conds]
+        row += [fmt_ms(metric_values(runs, name, "nll_ratio"), 3)]
+        row += [fmt_ms(percent(metric_values(runs, name, k)), 1) for k in ("mcq_accuracy", "mcq_accuracy_norm")]
+        rows.append(row)
+    return md_table(head, rows)
+
+
+def sizes_lines(results: dict) -> list[str]:
+    head = ["recipe", "config", "train prompts", "held-out prompts", "samples/condition", "gen tokens", "variants",
+            "DPO epochs × lr × batch", "MCQ items", "seconds/seed"]
+    rows = []
+    seen = set()
+    for r in results["runs"]:
+        key = (r["recipe"], r["config"])
+        if key in seen:
+            continue
+        seen.add(key)
+        d = r["recipe_data"]
+        secs = [x["seconds"] for x in runs_of(results, *key)]
+        rows.append([r["recipe"], r["config"], f"{d['prompts']['train_size']}", f"{d['prompts']['eval_size']}",
+                     f"{d['generation']['samples']}", f"{d['generation']['max_new_tokens']}", ", ".join(d["variants"]),
+                     f"{d['dpo']['epochs']} × {d['dpo']['learning_rate']} × {d['dpo']['batch_size']}",
+                     f"{d['evaluation']['mcq_items']}", f"{sum(secs) / len(secs):.0f}"])
+    return md_table(head, rows)
+
+
+def pair_quality_lines(results: dict, picks: list[tuple[str, str]]) -> list[str]:
+    lines = []
+    for name, variant in picks:
+        plain = runs_of(results, name, "plain")
+        if not plain:
+            continue
+        conds = plain[0]["metrics"]["conditions"]
+        head = ["pairs", "kept pairs"] + [f"score ({c})" for c in conds] + [f"words ({c})" for c in conds] + ["nll_ratio", "MCQ acc"]
+        rows = []
+        for config in PAIR_CONFIGS:
+            runs = runs_of(results, name, config)
+            if not runs:
+                continue
+            row = [config, fmt_ms([r["pairs"].get(variant, {}).get("count") for r in runs], 1)]
+            row += [fmt_ms(metric_values(runs, variant, c, "score"), 3) for c in conds]
+            row += [fmt_ms(metric_values(runs, variant, c, "mean_words"), 1) for c in conds]
+            row += [fmt_ms(metric_values(runs, variant, "nll_ratio"), 3),
+                    fmt_ms(percent(metric_values(runs, variant, "mcq_accuracy")), 1)]
+            rows.append(row)
+        base = ", ".join(f"{c} {fmt_ms(metric_values(plain, 'base', c, 'score'), 3)}" for c in conds)
+        lines += [f"**{name}: `{variant}`** (base: {base})", "", *md_table(head, rows)]
+        lines += [f"\n`{sk['config']}` seed {sk['seed']}: not trained ({sk['why']})."
+                  for sk in results.get("skipped", []) if sk["recipe"] == name]
+        lines.append("")
+    return lines
+
+
+def multi_lines(results: dict, picks: list[tuple[str, str]]) -> list[str]:
+    head = ["behaviour", "model", "score (control)", "score (negative)", "words (control)", "nll_ratio", "MCQ acc"]
+    rows = []
+    for name, variant in picks:
+        runs = runs_of(results, name, "plain")
+        if not runs or "multi" not in runs[0]["metrics"]["models"]:
+            continue
+        for model in ("base", "prompted", variant, "multi"):
+            neg = fmt_ms(metric_values(runs, model, "negative", "score"), 3) if "negative" in runs[0]["metrics"]["conditions"] else "–"
+            rows.append([name, f"`{model}`", fmt_ms(metric_values(runs, model, "control", "score"), 3), neg,
+                         fmt_ms(metric_values(runs, model, "control", "mean_words"), 1),
+                         fmt_ms(metric_values(runs, model, "nll_ratio"), 3),
+                         fmt_ms(percent(metric_values(runs, model, "mcq_accuracy")), 1)])
+    return md_table(head, rows)
+
+
+def targets_lines(results: dict, targets: Targets) -> list[str]:
+    if not targets.targets:
+        return ["No target rules given (`cfdpo benchmark --targets FILE`).", ""]
+    rows = target_rows(results, targets)
+    head = ["target", "measured (mean over seeds)", "met", "margin (+: missed by)"]
+    return [f"Rules from `{targets.source}`.", "",
+            *md_table(head, [[t["target"], t["value"], "yes" if t["met"] else "**no**", t["gap"]] for t in rows]),
+            "", f"{sum(t['met'] for t in rows)} of {len(rows)} targets met.", ""]
+
+
+def render_results(results: dict, plan: Plan, plots: list[Path]) -> str:
+    names = sorted({r["recipe"] for r in results["runs"]})
+    setting = f"{plan.targets.setting} " if plan.targets.setting else ""
+    lines = [
+        "# cfdpo benchmark results", "",
+        "Generated by `cfdpo benchmark` (src/cfdpo/benchmark/) with:", "", "```", results.get("command", ""), "```", "",
+        (f"Started {results.get('started')}, finished {results['finished']}, wall time {results['seconds'] / 60:.1f} min. "
+         if "finished" in results else
+         f"Started {results.get('started')}; **unfinished**: these are the runs done so far "
+         f"({len(results['runs'])} runs; seeds done per recipe: "
+         + ", ".join(f"{n} {len(runs_of(results, n, 'plain'))}" for n in names) + "). ")
+        + setting +
+        f"{results['seeds']} seeds: each seed changes generation sampling and DPO/SFT training; the held-out prompts "
+        "are the same for every seed. Every figure is mean ± sample std over the seeds, on held-out prompts only. "
+        "Evaluation decoding is greedy, so `base` and `prompted` do not vary across seeds.", "",
+        "Models: `base` the model as it is; `prompted` the base model given the treatment instruction at inference "
+        "(the teacher; for pirate under the negative prompt it gets both instructions); `sft` context-distillation "
+        f"baseline (SFT on the same pairs' prompt → chosen answer, same LoRA budget); {'/'.join(f'`{v}`' for v in NAMES)} "
+        "the counterfactual DPO variants; `multi` one adapter trained on two behaviours' pairs. "
+        "`nll_ratio`: per-token NLL of the base model's held-out answers under the model ÷ base's own. "
+        "MCQ: accuracy (%) on the builtin multiple-choice set by option log-likelihood (norm: per character).", "",
+        "## Sizes", "", *sizes_lines(results), "",
+        "## Targets", "", *targets_lines(results, plan.targets),
+    ]
+    for name in names:
+        r0 = runs_of(results, name, "plain")[0]
+        b = r0["metrics"]["behaviour"]
+        lines += [f"## {name}", "", f"Scorer `{b['scorer']}` ({b.get('unit', '')}), **{b['desired']}** is better. "
+                  f"Variants: {', '.join(r0['recipe_data']['variants'])}.", "", *recipe_table(results, name), ""]
+    if plan.pair_quality:
+        lines += ["## Pair quality: plain vs scorer-filtered vs best-of-k", "",
+                  "Same training answers for all three; `filter` drops pairs whose chosen answer does not beat the "
+                  "rejected one on the scorer, `bestofk` keeps per prompt the chosen/rejected samples with the largest gap.", "",
+                  *pair_quality_lines(results, plan.pair_quality)]
+    if len(plan.multi) >= 2:
+        lines += ["## Several behaviours in one adapter", "",
+                  f"`multi`: one DPO adapter on the union of {' + '.join(f'{n} `{v}`' for n, v in plan.multi)} pairs "
+                  f"(DPO settings of {plan.multi[0][0]} at the lowest learning rate of the recipes), against each single-behaviour adapter.", "",
+                  *multi_lines(results, plan.multi), ""]
+    if results.get("skipped"):
+        lines += ["## Runs that did not train", ""] + [
+            f"- {sk['recipe']} {sk['config']} seed {sk['seed']}: {sk['why']}" for sk in results["skipped"]] + [""]
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, plan: Plan) -> Path:
+    """docs/RESULTS.md + plots; a hand-written section from '## Discussion' on in an existing file is kept."""
+    plan.docs.mkdir(parents=True, exist_ok=True)
+    plots = plot_results(results, plan.docs, plan.targets)
+    text = render_results(results, plan, plots)
+    path = plan.docs / "RESULTS.md"
+    if path.is_file():
+        old = path.read_text(encoding="utf-8")
+        if "\n## Discussion" in old:
+            text += old[old.index("\n## Discussion") + 1 :]
+    write_atomic(path, text)
+    return path

@@ -1,0 +1,136 @@
+"""Target rules: the checks RESULTS.md's "Targets" table reports as met or missed.
+
+A targets file (YAML; the repository's is bench/targets.yaml):
+
+    setting: "Model: ..., CPU."      # optional: the sentence RESULTS.md states the setting in
+    targets:
+      - recipe: pirate               # a behaviour name, or "*" for every recipe
+        config: plain                # plain (default), filter, bestofk, or "*" for every one run
+        model: negation              # a model of those runs, or "*" (default) for every trained one
+        checks:
+          - label: "{recipe}/{config}/{model}: nll_ratio ≤ 1.05"   # the row's name
+            metric: nll_ratio        # a path in the model's metrics: negative.score, control.mean_words
+            compare: at_most         # at_most | share_of | times_of | points_from
+            threshold: 1.05
+            reference: base          # the model compared with (share_of, times_of, points_from)
+
+Each check is judged on the mean over seeds of the metric:
+- at_most: mean ≤ threshold;
+- share_of: mean ≤ threshold % of the reference model's mean;
+- times_of: mean ≤ threshold × the reference model's mean;
+- points_from: a fraction (an accuracy) within `threshold` percentage points of the reference's.
+A rule whose runs or metrics are missing gives no row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cfdpo.benchmark.aggregate import PAIR_CONFIGS, UNTRAINED, mean_std, metric_values, runs_of
+from cfdpo.errors import CfdpoError
+
+EVERY = "*"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Check(_Strict):
+    label: str = Field(min_length=1)
+    metric: str = Field(min_length=1)
+    compare: Literal["at_most", "share_of", "times_of", "points_from"]
+    threshold: float
+    reference: str | None = None
+    digits: int = Field(3, ge=0, le=6)  # decimals of the measured means (not for points_from)
+
+    @model_validator(mode="after")
+    def _reference_when_relative(self) -> Check:
+        if (self.compare == "at_most") != (self.reference is None):
+            raise ValueError("give 'reference' (a model) with share_of, times_of and points_from, and only with them")
+        try:
+            self.label.format(recipe="", config="", model="")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(f"label '{self.label}': only {{recipe}}, {{config}} and {{model}} are filled in") from None
+        return self
+
+    def judge(self, value: float, ref: float | None) -> dict:
+        """The row for a measured mean (and the reference's mean): value, met, gap (+: missed by)."""
+        d, t, name = self.digits, self.threshold, self.reference
+        if self.compare == "at_most":
+            return {"value": f"{value:.{d}f}", "met": value <= t, "gap": f"{value - t:+.{d}f}"}
+        if self.compare == "points_from":
+            diff = 100 * (value - ref)
+            return {"value": f"{100 * value:.1f}% vs {name} {100 * ref:.1f}% ({diff:+.1f})",
+                    "met": abs(diff) <= t, "gap": f"{abs(diff) - t:+.1f} points"}
+        if not ref:  # a ratio to nothing: reported, never met
+            return {"value": f"{value:.{d}f}", "met": False, "gap": ""}
+        vs = f"{value:.{d}f} vs {name} {ref:.{d}f}"
+        if self.compare == "share_of":
+            unit = self.metric.rsplit(".", 1)[-1]
+            return {"value": f"{vs} ({100 * value / ref:.0f}% of {name})", "met": value <= t / 100 * ref,
+                    "gap": f"{100 * value / ref - t:+.0f} points of {name}'s {unit}"}
+        return {"value": f"{vs} ({value / ref:.2f}×)", "met": value <= t * ref, "gap": f"{value / ref - t:+.2f}×"}
+
+
+class Rule(_Strict):
+    recipe: str = Field(min_length=1)
+    config: str = "plain"
+    model: str = Field(EVERY, min_length=1)
+    checks: list[Check] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _known_config(self) -> Rule:
+        if self.config != EVERY and self.config not in PAIR_CONFIGS:
+            raise ValueError(f"config '{self.config}': expected one of {', '.join(PAIR_CONFIGS)} or '{EVERY}'")
+        return self
+
+
+class Targets(_Strict):
+    source: str = ""  # the file they were read from
+    setting: str = ""
+    targets: list[Rule] = Field(default_factory=list)
+
+
+def load_targets(path: Path) -> Targets:
+    if not path.is_file():
+        raise CfdpoError(f"{path}: targets file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CfdpoError(" ".join(f"{path}: invalid YAML: {e}".splitlines())) from None
+    if not isinstance(data, dict):
+        raise CfdpoError(f"{path}: expected a mapping with 'targets' (a list of rules) and optionally 'setting'")
+    try:
+        return Targets.model_validate({**data, "source": str(path)})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise CfdpoError(" ".join(f"{path}: {where}: {first['msg'].removeprefix('Value error, ')}".splitlines())) from None
+
+
+def target_rows(results: dict, targets: Targets) -> list[dict]:
+    """Every rule's checks on the recorded runs, in file order: {target, value, met, gap}."""
+    rows = []
+    recipes = sorted({r["recipe"] for r in results["runs"]})
+    for rule in targets.targets:
+        for recipe in recipes if rule.recipe == EVERY else [rule.recipe]:
+            for config in PAIR_CONFIGS if rule.config == EVERY else [rule.config]:
+                runs = runs_of(results, recipe, config)
+                if not runs:
+                    continue
+                models = [m for m in runs[0]["metrics"]["models"] if m not in UNTRAINED] if rule.model == EVERY else [rule.model]
+                for model in models:
+                    for check in rule.checks:
+                        path = check.metric.split(".")
+                        value = mean_std(metric_values(runs, model, *path))[0]
+                        ref = mean_std(metric_values(runs, check.reference, *path))[0] if check.reference else None
+                        if value is None or (check.reference and ref is None):
+                            continue
+                        label = check.label.format(recipe=recipe, config=config, model=model)
+                        rows.append({"target": label, **check.judge(value, ref)})
+    return rows
