@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import tiny_recipe
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cfdpo.cli import main
 from cfdpo.errors import CfdpoError
