@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import tiny_recipe
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cfdpo.cli import main
 from cfdpo.errors import CfdpoError
@@ -132,9 +133,12 @@ CASES = [
      lambda c: new_run(c, behaviour__treatment=DROP, behaviour__negative=DROP)),
     ("missing-lexicon-words", "missing parameter 'words'", lambda c: new_run(c, behaviour__scorer__params={})),
     # --- unknown fields ---
-    ("unknown-top-level", "colour: unknown field", lambda c: new_run(c, colour="red")),
-    ("unknown-dpo-field", "dpo.betta: unknown field", lambda c: new_run(c, dpo__betta=0.1)),
-    ("unknown-generation-field", "generation.temprature: unknown field", lambda c: new_run(c, generation__temprature=0.1)),
+    ("unknown-top-level", "colour: unknown field; expected one of: model,", lambda c: new_run(c, colour="red")),
+    ("unknown-dpo-field", "dpo.betta: unknown field; did you mean 'beta'?", lambda c: new_run(c, dpo__betta=0.1)),
+    ("unknown-generation-field", "generation.temprature: unknown field; did you mean 'temperature'?",
+     lambda c: new_run(c, generation__temprature=0.1)),
+    ("unknown-us-spelling", "r.yaml: behavior: unknown field; did you mean 'behaviour'?", lambda c: [
+        "run", c.recipe({("behavior" if k == "behaviour" else k): v for k, v in c.data().items()}), "--out", str(c.dir / "o")]),
     ("unknown-scorer-param", "unknown parameter 'colour'", lambda c: new_run(c, behaviour__scorer__params={"words": ["a"], "colour": 1})),
     # --- unknown variant / scorer / model, inconsistent recipe ---
     ("unknown-variant", "variants.0: Input should be 'enc', 'dis', 'contrastive' or 'negation'",
@@ -175,6 +179,7 @@ CASES = [
     ("prompts-unsupported-type", "unsupported prompt file type '.txt'", lambda c: ["run", c.prompts("a?\n", name="p.txt"),
                                                                                   "--out", str(c.dir / "o")]),
     ("prompts-file-missing", "no such file", lambda c: new_run(c, prompts={"source": str(c.dir / "none.jsonl")})),
+    ("prompts-relative-file-missing", "/case/none.jsonl': not a builtin set", lambda c: new_run(c, prompts={"source": "none.jsonl"})),
     ("prompts-split-too-big", "train_size + eval_size = 3 but the set has only 2", lambda c: ["run", c.prompts(jsonl("a?", "b?")),
                                                                                              "--out", str(c.dir / "o")]),
     ("prompts-duplicate-ids", "ids are not unique", lambda c: ["run", c.prompts('{"id": 1, "prompt": "a?"}\n{"id": 1, "prompt": "b?"}\n'

@@ -115,3 +115,57 @@ def test_run_dir_of_another_recipe_is_refused_and_left_alone(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "run"), "--recipe", str(b)]) == 2
     assert "written by another recipe (differs in: dpo)" in capsys.readouterr().err
     assert (run.dir / "recipe.yaml").read_bytes() == before
+
+
+@pytest.mark.parametrize("data,msg", [
+    ({("behavior" if k == "behaviour" else k): v for k, v in BASE.items()},
+     "r.yaml: behavior: unknown field; did you mean 'behaviour'?"),
+    (with_("dpo.betta", 0.1), "r.yaml: dpo.betta: unknown field; did you mean 'beta'?"),
+    (with_("behaviour.scorer.parms", {}), "r.yaml: behaviour.scorer.parms: unknown field; did you mean 'params'?"),
+    (with_("evaluation.lm_eval", {"tasks": ["x"], "limt": 3}),
+     "r.yaml: evaluation.lm_eval.limt: unknown field; did you mean 'limit'?"),
+    (with_("colour", "red"), "r.yaml: colour: unknown field; expected one of: model, trust_remote_code, behaviour, "
+                             "prompts, generation, variants, pairs, dpo, evaluation"),
+    (with_("variants", []) | {"behavior": {}},
+     "r.yaml: behavior: unknown field; did you mean 'behaviour'? (and 1 more problem)"),
+])
+def test_unknown_field_is_reported_first_with_the_closest_name(data, msg):
+    with pytest.raises(CfdpoError) as e:
+        parse_recipe(data, "r.yaml")
+    assert str(e.value) == msg
+
+
+def test_relative_prompt_file_is_read_from_the_recipe_folder(tmp_path, monkeypatch, tiny_model):
+    import json
+
+    import yaml
+    from conftest import tiny_recipe
+
+    from cfdpo.pipeline import open_run
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "p.jsonl").write_text("".join(json.dumps({"prompt": f"question {i}?"}) + "\n" for i in range(3)))
+    rec = folder / "r.yaml"
+    rec.write_text(yaml.safe_dump(tiny_recipe(tiny_model, prompts={"source": "p.jsonl", "train_size": 2, "eval_size": 1})))
+    monkeypatch.chdir(tmp_path)  # not the recipe's folder
+    assert load_recipe(rec).prompts.source == str(folder.resolve() / "p.jsonl")
+    run = open_run(tmp_path / "run", rec)
+    assert len(run.split()[0]) == 2
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    reopened = open_run(tmp_path / "run")  # from the run's copy of the recipe
+    assert reopened.split() == run.split()
+    assert open_run(tmp_path / "run", rec).recipe.digest() == run.recipe.digest()  # same recipe, another directory
+
+
+def test_builtin_set_names_and_absolute_prompt_paths_stay_as_written(tmp_path):
+    import yaml
+
+    for source in ("news", str(tmp_path / "p.jsonl")):
+        rec = tmp_path / "sub" / "r.yaml"
+        rec.parent.mkdir(exist_ok=True)
+        rec.write_text(yaml.safe_dump(with_("prompts.source", source)))
+        assert load_recipe(rec).prompts.source == source

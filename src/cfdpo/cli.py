@@ -128,9 +128,8 @@ def evaluate(run_dir: Path = RunDirArg, recipe: Optional[str] = RecipeOpt, trust
 @app.command()
 def report(run_dir: Path = RunDirArg):
     """Write report.md, report.html and plots from metrics.json."""
-    from cfdpo.report import write_report
-
     from cfdpo.dist import on_main
+    from cfdpo.report import write_report
 
     console.print(f"report -> {on_main(lambda: write_report(run_dir))}")
 
@@ -142,6 +141,16 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run di
 
     path = run_all(_open(out, "pirate"))
     console.print(f"[green]report:[/green] {path}")
+
+
+@app.command("recipe")
+def recipe_fields(schema: bool = typer.Option(False, "--schema", help="print the recipe's JSON Schema instead")):
+    """Print every recipe field with its default and what it does, as a commented YAML template."""
+    import json
+
+    from cfdpo.spec import recipe_schema, recipe_template
+
+    typer.echo(json.dumps(recipe_schema(), indent=2) if schema else recipe_template(), nl=schema)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
