@@ -40,7 +40,5 @@ def messages(prompt: str, condition: str, behaviour: Behaviour, prompt_id: str |
         return conversation(prompt, None, behaviour.placement, behaviour.system_prompt)
     if condition not in CONDITIONS:
         raise ValueError(f"unknown condition {condition!r}")
-    if getattr(behaviour, condition) is None:
-        raise ValueError(f"behaviour '{behaviour.name}' has no {condition} instruction")
     instruction = behaviour.instruction_for(condition, prompt_id, seed)
     return conversation(prompt, instruction, behaviour.placement, behaviour.system_prompt)
