@@ -64,8 +64,8 @@ def test_paired_clear_shift_is_distinguishable(n):
 
 def test_paired_mappings_are_matched_by_prompt_id():
     model = {"a": 3.0, "b": 1.0, "c": 2.0, "only_model": 9.0}
-    base = {"c": 1.0, "a": 1.0, "b": 1.0}
-    assert stats.paired(model, base) == stats.paired([3.0, 1.0, 2.0], [1.0, 1.0, 1.0])
+    base = {"c": 0.5, "a": 1.0, "b": 2.0}
+    assert stats.paired(model, base) == stats.paired([3.0, 1.0, 2.0], [1.0, 2.0, 0.5])
     assert stats.paired(model, base)["n"] == 3
     with pytest.raises(ValueError, match="one value per prompt"):
         stats.paired([1.0, 2.0], [1.0])
