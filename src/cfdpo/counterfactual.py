@@ -2,26 +2,43 @@
 
 from __future__ import annotations
 
-from cfdpo.spec import Behaviour
+from cfdpo.spec import PLACEMENTS, Behaviour
 
 CONDITIONS = ("control", "treatment", "negative")
 
 
-def _with_instruction(prompt: str, instruction: str, behaviour: Behaviour) -> list[dict]:
-    if behaviour.placement == "system":
-        return [{"role": "system", "content": instruction}, {"role": "user", "content": prompt}]
-    msgs = [{"role": "system", "content": behaviour.system_prompt}] if behaviour.system_prompt else []
-    return msgs + [{"role": "user", "content": f"{instruction}\n\n{prompt}"}]
+def conversation(prompt: str, instruction: str | None, placement: str = "user_prefix",
+                 system_prompt: str | None = None) -> list[dict]:
+    """The chat messages for `prompt` with `instruction` at `placement` (no assistant turn).
+
+    user_prefix: "<instruction>\n\n<prompt>"; user_suffix: "<prompt>\n\n<instruction>"; both keep
+    the deployment's `system_prompt` as the system message. system: the instruction is the system
+    message; with a deployment system prompt it comes first, then a blank line, then that prompt
+    (so the instruction reads as the deployer's). Without an instruction: the prompt as asked.
+    """
+    deployment = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if instruction is None:
+        return deployment + [{"role": "user", "content": prompt}]
+    if placement == "user_prefix":
+        return deployment + [{"role": "user", "content": f"{instruction}\n\n{prompt}"}]
+    if placement == "user_suffix":
+        return deployment + [{"role": "user", "content": f"{prompt}\n\n{instruction}"}]
+    if placement == "system":
+        content = f"{instruction}\n\n{system_prompt}" if system_prompt else instruction
+        return [{"role": "system", "content": content}, {"role": "user", "content": prompt}]
+    raise ValueError(f"unknown placement {placement!r}; expected one of {', '.join(PLACEMENTS)}")
 
 
-def messages(prompt: str, condition: str, behaviour: Behaviour) -> list[dict]:
-    """x_c, x_t or x_n as a list of chat messages (no assistant turn)."""
+def messages(prompt: str, condition: str, behaviour: Behaviour, prompt_id: str | None = None, seed: int = 0) -> list[dict]:
+    """x_c, x_t or x_n as a list of chat messages (no assistant turn).
+
+    A behaviour that lists several paraphrases of an instruction gives each prompt the one
+    `Behaviour.instruction_for(condition, prompt_id, seed)` draws (then `prompt_id` is required);
+    with one instruction, `prompt_id` and `seed` change nothing.
+    """
     if condition == "control":
-        msgs = [{"role": "system", "content": behaviour.system_prompt}] if behaviour.system_prompt else []
-        return msgs + [{"role": "user", "content": prompt}]
-    instruction = behaviour.treatment if condition == "treatment" else behaviour.negative if condition == "negative" else None
+        return conversation(prompt, None, behaviour.placement, behaviour.system_prompt)
     if condition not in CONDITIONS:
         raise ValueError(f"unknown condition {condition!r}")
-    if instruction is None:
-        raise ValueError(f"behaviour '{behaviour.name}' has no {condition} instruction")
-    return _with_instruction(prompt, instruction, behaviour)
+    instruction = behaviour.instruction_for(condition, prompt_id, seed)
+    return conversation(prompt, instruction, behaviour.placement, behaviour.system_prompt)

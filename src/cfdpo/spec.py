@@ -11,8 +11,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +22,43 @@ from cfdpo.errors import CfdpoError
 
 VARIANTS = ("enc", "dis", "contrastive", "negation")
 Variant = Literal["enc", "dis", "contrastive", "negation"]
+Placement = Literal["user_prefix", "user_suffix", "system"]
+PLACEMENTS: tuple[str, ...] = get_args(Placement)
+NAME_PATTERN = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
+
+
+def _normalised(text: str) -> str:
+    """Text compared case- and whitespace-insensitively."""
+    return " ".join(text.split()).casefold()
+
+
+def _check_paraphrases(texts: list[str], when_empty: str) -> None:
+    """Raise ValueError unless `texts` is a non-empty list of non-empty, distinct instructions."""
+    if not texts:
+        raise ValueError(when_empty)
+    seen = set()
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise ValueError("must not be empty" if len(texts) == 1 else f"entry {i} is empty")
+        if _normalised(text) in seen:
+            raise ValueError(f"entry {i} repeats an earlier one ('{text:.60}')")
+        seen.add(_normalised(text))
+
+
+def draw_paraphrase(options: list[str] | tuple[str, ...], condition: str, prompt_id: str | None, seed: int) -> str:
+    """One of `options` for this prompt: the only one, or the one a hash of (seed, prompt_id, condition) picks."""
+    if len(options) == 1:
+        return options[0]
+    if prompt_id is None:
+        raise ValueError(f"{len(options)} {condition} paraphrases: pass prompt_id to draw one")
+    digest = hashlib.sha256(json.dumps([seed, prompt_id, condition]).encode()).digest()
+    return options[int.from_bytes(digest[:8], "big") % len(options)]
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 class _Strict(BaseModel):
@@ -50,32 +88,61 @@ class ScorerSpec(_Strict):
 
 class Behaviour(_Strict):
     name: str = Field(min_length=1, description="Short name of the behaviour, shown in reports.")
-    treatment: str | None = Field(
-        default=None, description="Instruction asking for the desired behaviour; needed by enc and contrastive. Default: none.")
-    negative: str | None = Field(
+    treatment: str | list[str] | None = Field(
         default=None,
-        description="Instruction asking for the undesired behaviour; needed by dis, contrastive and negation. Default: none.")
-    placement: Literal["user_prefix", "system"] = Field(
+        description="Instruction asking for the desired behaviour, or a list of paraphrases of it (each prompt draws "
+                    "one, seeded); needed by enc and contrastive. Default: none.")
+    negative: str | list[str] | None = Field(
+        default=None,
+        description="Instruction asking for the undesired behaviour, or a list of paraphrases of it (each prompt "
+                    "draws one, seeded); needed by dis, contrastive and negation. Default: none.")
+    placement: Placement = Field(
         default="user_prefix",
         description="Where an instruction goes: user_prefix puts it in the user turn, a blank line before the "
-                    "prompt; system sends it as the system prompt.")
+                    "prompt; user_suffix after the prompt; system sends it as the system prompt.")
     system_prompt: str | None = Field(
         default=None,
-        description="Fixed system prompt of the deployment, sent with every prompt (user_prefix placement only). "
-                    "Default: none.")
+        description="Fixed system prompt of the deployment, sent with every prompt (user_prefix/user_suffix "
+                    "placement only). Default: none.")
     scorer: ScorerSpec = Field(description="How the behaviour is measured in one answer.")
+
+    @field_validator("treatment", "negative", mode="before")
+    @classmethod
+    def _paraphrases(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+            raise ValueError("expected an instruction (text) or a list of paraphrases of it (texts)")
+        _check_paraphrases(texts, "give one instruction or a non-empty list of paraphrases")
+        return value
 
     @model_validator(mode="after")
     def _one_instruction(self) -> Behaviour:
-        for field in ("treatment", "negative"):
-            value = getattr(self, field)
-            if value is not None and not value.strip():
-                raise ValueError(f"{field} must not be empty")
         if self.treatment is None and self.negative is None:
             raise ValueError("give a treatment instruction, a negative instruction, or both")
         if self.placement == "system" and self.system_prompt:
             raise ValueError("placement 'system' replaces the system prompt; drop system_prompt or use user_prefix")
         return self
+
+    def treatments(self) -> list[str]:
+        """The treatment instruction's paraphrases (one entry for a single instruction; none without one)."""
+        return _as_list(self.treatment)
+
+    def negatives(self) -> list[str]:
+        """The negative instruction's paraphrases (one entry for a single instruction; none without one)."""
+        return _as_list(self.negative)
+
+    def instruction_for(self, condition: str, prompt_id: str | None = None, seed: int = 0) -> str:
+        """The instruction a prompt gets under `condition` ("treatment" or "negative").
+
+        With one instruction, that instruction. With several paraphrases, the one a hash of
+        (seed, prompt_id, condition) picks: the same prompt gets the same paraphrase on every run.
+        """
+        options = {"treatment": self.treatments, "negative": self.negatives}.get(condition, list)()
+        if not options:
+            raise ValueError(f"behaviour '{self.name}' has no {condition} instruction")
+        return draw_paraphrase(options, condition, prompt_id, seed)
 
 
 class PromptsSpec(_Strict):
@@ -153,6 +220,38 @@ class LmEvalSpec(_Strict):
     include_path: str | None = Field(default=None, description="A folder of extra lm-eval task YAML files. Default: none.")
 
 
+class InScopeContext(_Strict):
+    """A context where the behaviour is legitimate: a deployer asks for it, or the user's prompts call for it."""
+
+    name: str = Field(description="short name for reports: letters, digits, '.', '_', '-', not starting with '.'")
+    system_prompt: str | None = Field(
+        default=None, description="a deployer's system prompt that asks for the behaviour (e.g. a pirate persona)")
+    prompts: str | None = Field(
+        default=None,
+        description="builtin set name or .jsonl/.csv/.parquet file of prompts where the behaviour is legitimate")
+    column: str = Field(default="prompt", description="the prompt column of that file")
+    expect: Literal["higher", "lower"] | None = Field(
+        default=None,
+        description="which way the behaviour score should stay here (default: the opposite of behaviour.scorer.desired)")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(NAME_PATTERN, value):
+            raise ValueError(f"'{value:.40}' is not a name: use letters, digits, '.', '_' and '-', not starting with '.'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InScopeContext:
+        given = [field for field in ("system_prompt", "prompts") if getattr(self, field) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of system_prompt (a deployer's system prompt asking for the behaviour) "
+                             "or prompts (a prompt set where it is legitimate)")
+        if not getattr(self, given[0]).strip():
+            raise ValueError(f"{given[0]} must not be empty")
+        return self
+
+
 class EvalSpec(_Strict):
     max_new_tokens: int = Field(default=96, ge=1, le=8192, description="Longest evaluation answer, in tokens.")
     temperature: float = Field(default=0.0, ge=0.0, le=5.0,
@@ -165,6 +264,58 @@ class EvalSpec(_Strict):
     mcq_items: int = Field(default=179, ge=1, description="How many multiple-choice items to score (the first N of the set).")
     lm_eval: LmEvalSpec | None = Field(default=None, description="Also run lm-eval tasks on every model (extra "
                                                                  "cfdpo[lmeval]). Default: off.")
+    negative_paraphrases: list[str] | None = Field(
+        default=None,
+        description="held-out rewordings of behaviour.negative, scored on the eval subset (never trained on)")
+    treatment_paraphrases: list[str] | None = Field(
+        default=None,
+        description="held-out rewordings of behaviour.treatment, scored on the eval subset (never trained on)")
+    placements: list[Placement] | None = Field(
+        default=None,
+        description="other placements the trained instructions are also scored under "
+                    "(default: the two of user_prefix, user_suffix, system that are not behaviour.placement)")
+    in_scope: list[InScopeContext] = Field(
+        default_factory=list, description="contexts where the behaviour is legitimate and must be kept (retention vs base)")
+    samples_per_prompt: int = Field(
+        default=0, ge=0, description="sampled answers per prompt at generation.temperature, besides the greedy one")
+    subset_size: int = Field(
+        default=40, ge=1,
+        description="prompts the paraphrase, placement and in-scope conditions use: the first N of the eval split "
+                    "(all of it when smaller)")
+    kl_prompts: int = Field(default=16, ge=0, description="prompts on which KL(base || model) is estimated (0: no KL)")
+    kl_source: str = Field(
+        default="general", min_length=1,
+        description="builtin set or prompt file for the KL estimate: prompts unrelated to the behaviour")
+
+    # Scorecard fields: left out of the saved and hashed recipe while at their default, so recipes
+    # written before they existed keep their digest, manifest hash and recipe.yaml.
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = (
+        "negative_paraphrases", "treatment_paraphrases", "placements", "in_scope", "samples_per_prompt",
+        "subset_size", "kl_prompts", "kl_source",
+    )
+
+    @field_validator("negative_paraphrases", "treatment_paraphrases")
+    @classmethod
+    def _held_out(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            _check_paraphrases(value, "give at least one held-out paraphrase, or leave the field out")
+        return value
+
+    @field_validator("placements")
+    @classmethod
+    def _placements_unique(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("placements must not repeat")
+        return value
+
+    @field_validator("in_scope")
+    @classmethod
+    def _names_unique(cls, value: list[InScopeContext]) -> list[InScopeContext]:
+        names = [context.name for context in value]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"in-scope context name '{name}' is used twice")
+        return value
 
 
 class Recipe(_Strict):
@@ -211,15 +362,47 @@ class Recipe(_Strict):
                 need.add("negative")
         return [c for c in ("control", "treatment", "negative") if c in need]
 
+    @model_validator(mode="after")
+    def _scorecard_matches_behaviour(self) -> Recipe:
+        b, ev = self.behaviour, self.evaluation
+        training = {_normalised(text) for text in b.treatments() + b.negatives()}
+        for condition in ("treatment", "negative"):
+            field = f"evaluation.{condition}_paraphrases"
+            held_out = getattr(ev, f"{condition}_paraphrases")
+            if held_out is None:
+                continue
+            if getattr(b, condition) is None:
+                raise ValueError(f"{field} needs behaviour.{condition} (the instruction they reword)")
+            for i, text in enumerate(held_out):
+                if _normalised(text) in training:
+                    raise ValueError(f"{field}.{i}: '{text:.60}' is a training instruction; "
+                                     "held-out paraphrases must differ from behaviour.treatment and behaviour.negative")
+        if ev.placements is not None and b.placement in ev.placements:
+            raise ValueError(f"evaluation.placements: '{b.placement}' is the training placement (behaviour.placement), "
+                             "scored anyway; list only the others")
+        return self
+
+    def to_data(self) -> dict:
+        """The recipe as plain data, as saved and hashed (scorecard fields at their default left out)."""
+        data = self.model_dump(mode="json")
+        for name in EvalSpec.OMITTED_AT_DEFAULT:
+            if getattr(self.evaluation, name) == EvalSpec.model_fields[name].get_default(call_default_factory=True):
+                del data["evaluation"][name]
+        return data
+
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return json.dumps(self.to_data(), sort_keys=True)
 
     def digest(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The recipe section class a field's annotation names (`LmEvalSpec | None` names LmEvalSpec), or None."""
+    """The recipe section class a field's annotation names (`LmEvalSpec | None` names LmEvalSpec), or None.
+
+    A list of sections (`evaluation.in_scope`) is a value, not a section."""
+    if get_origin(annotation) is list:
+        return None
     for candidate in (annotation, *get_args(annotation)):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate
@@ -332,7 +515,7 @@ def _prompt_file_from(recipe: Recipe, folder: Path) -> Recipe:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(recipe.to_data(), sort_keys=False, allow_unicode=True)
 
 
 def recipe_schema() -> dict:
