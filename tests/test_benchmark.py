@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_recipe, write_recipe
 
 from cfdpo.benchmark import fmt_ms, mean_std, render_results, targets, union_pairs
-from cfdpo.evaluate import continuation_logprobs, load_mcq, mcq_accuracy, mcq_context, shared_context_logprobs
+from cfdpo.likelihood import continuation_logprobs, load_mcq, mcq_accuracy, mcq_context, shared_context_logprobs
 
 
 @pytest.fixture(scope="module")
