@@ -43,6 +43,7 @@ def bench_pairs(n: int, model_path: str):
     generated once by cfdpo with the model and cached in bench/.cache/answers.jsonl."""
     from datasets import Dataset
 
+    from cfdpo.backends.transformers import TransformersGenerator
     from cfdpo.generate import GenParams, plan_rows, resolve_dtype, run_generation
     from cfdpo.models import load_model, load_tokenizer, model_id
     from cfdpo.pairs import build_pairs
@@ -59,7 +60,7 @@ def bench_pairs(n: int, model_path: str):
     def loader():
         tok = load_tokenizer(model_path)
         tok.padding_side = "left"
-        return load_model(model_path, resolve_dtype("auto")), tok
+        return TransformersGenerator(load_model(model_path, resolve_dtype("auto"))), tok
 
     run_generation(rows, log, loader, batch_size=GenerationSpec().batch_size, seed=0, label="bench pairs")
     keys = {row["key"] for row in rows}

@@ -33,8 +33,9 @@ def main() -> None:
 
     import torch
 
+    from cfdpo.backends.transformers import TransformersGenerator
     from cfdpo.counterfactual import messages
-    from cfdpo.generate import GenParams, generate_answers
+    from cfdpo.generate import GenParams
     from cfdpo.models import load_model, load_tokenizer, resolve_model
 
     path = resolve_model(args.model)
@@ -47,7 +48,7 @@ def main() -> None:
     res = {"model": args.model, "gpu": torch.cuda.get_device_name(0), "conversations": len(convs),
            "samples": args.samples, "new_tokens_max": args.new_tokens, "runs": []}
 
-    def measure(name, model, batch_size):
+    def measure(name, generator, batch_size):
         counts, answers = [], []
 
         def on_batch(idx, ans, c):
@@ -56,7 +57,7 @@ def main() -> None:
 
         torch.cuda.synchronize()
         t = time.perf_counter()
-        generate_answers(model, tok, convs, params, [args.samples] * len(convs), batch_size, 0, on_batch)
+        generator.generate_answers(tok, convs, params, [args.samples] * len(convs), batch_size, 0, on_batch)
         torch.cuda.synchronize()
         s = time.perf_counter() - t
         row = {"backend": name, "batch_size": batch_size, "seconds": s, "new_tokens": sum(counts),
@@ -73,11 +74,11 @@ def main() -> None:
         model = load_model(path, "bfloat16").to("cuda")
         res["transformers_load_s"] = time.perf_counter() - t
         for bs in (64, 256):
-            measure("transformers", model, bs)
+            measure("transformers", TransformersGenerator(model), bs)
         del model
         torch.cuda.empty_cache()
     if "vllm" in backends:
-        from cfdpo.vllm_backend import VllmGenerator
+        from cfdpo.backends.vllm import VllmGenerator
 
         t = time.perf_counter()
         gen = VllmGenerator(path, "bfloat16", seed=0, gpu_memory_utilization=0.5)

@@ -19,7 +19,7 @@ Training paths (same pairs, same LoRA / beta / learning rate / batch / epochs, f
 Generation paths (same prompts, same sampling: temperature 0.7, top_p 0.9, --new-tokens):
   naive         model.generate one prompt at a time, fp32 (on the first --naive-prompts prompts)
   hf-batch16    model.generate batched 16, fp32, tokenizer left padding, defaults otherwise
-  cfdpo         cfdpo.generate.generate_answers with GenerationSpec defaults (dtype auto, batch size)
+  cfdpo         cfdpo.backends.transformers.generate_answers with GenerationSpec defaults (dtype auto, batch size)
   extra path with --generate: cfdpo-fp32 (the same with dtype float32)
 
 Quality of each training path: after training, in the same process, the adapter and the reference
@@ -202,7 +202,8 @@ def gen_worker(path: str, n_prompts: int, n_naive: int, new_tokens: int) -> dict
     tok.padding_side = "left"
     stop_ids = torch.tensor(sorted({tok.pad_token_id, tok.eos_token_id}))
     if path.startswith("cfdpo"):
-        from cfdpo.generate import GenParams, generate_answers, resolve_dtype
+        from cfdpo.backends.transformers import generate_answers
+        from cfdpo.generate import GenParams, resolve_dtype
         from cfdpo.spec import GenerationSpec
 
         g = GenerationSpec(dtype="float32") if path == "cfdpo-fp32" else GenerationSpec()

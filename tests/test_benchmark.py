@@ -15,7 +15,7 @@ from cfdpo.benchmark.runner import ResultsStore, union_pairs
 from cfdpo.benchmark.tables import fmt_ms, render_results, write_results
 from cfdpo.benchmark.targets import load_targets, target_rows
 from cfdpo.errors import CfdpoError
-from cfdpo.evaluate import continuation_logprobs, load_mcq, mcq_accuracy, mcq_context, shared_context_logprobs
+from cfdpo.likelihood import continuation_logprobs, load_mcq, mcq_accuracy, mcq_context, shared_context_logprobs
 
 REPO_TARGETS = Path(__file__).resolve().parents[1] / "bench" / "targets.yaml"
 

@@ -1,11 +1,12 @@
-"""cfdpo's decode loop against transformers' own generate and logits warpers."""
+"""The transformers backend's decode loop against transformers' own generate and logits warpers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cfdpo.generate import GenParams, decode, nucleus, sample_next
+from cfdpo.backends.transformers import decode, nucleus, sample_next
+from cfdpo.generate import GenParams
 
 
 @pytest.mark.parametrize("vocab,scale", [(1000, 4.0), (300, 0.01)])  # peaked: candidates suffice; flat: full sort
@@ -26,7 +27,10 @@ def test_nucleus_keeps_what_transformers_top_p_keeps(vocab, scale, top_p):
 def test_sample_next_greedy_and_seeded():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
     assert sample_next(logits, GenParams(4, 0.0, 1.0), None).tolist() == [1, 0]
-    draw = lambda: sample_next(logits.repeat(50, 1), GenParams(4, 1.0, 0.9), torch.Generator().manual_seed(3))
+
+    def draw():
+        return sample_next(logits.repeat(50, 1), GenParams(4, 1.0, 0.9), torch.Generator().manual_seed(3))
+
     assert torch.equal(draw(), draw())
 
 

@@ -6,7 +6,7 @@ import json
 
 from conftest import tiny_recipe, write_recipe
 
-from cfdpo.evaluate import load_mcq
+from cfdpo.likelihood import load_mcq
 
 
 def test_lm_eval_task_runs_for_every_model_and_agrees_with_builtin_mcq(tiny_model, tmp_path):

@@ -125,8 +125,9 @@ def generate(run: Run) -> int:
     On several processes each rank answers its share into a shard file and rank 0 merges the
     shards into answers.jsonl (see `cfdpo.dist`). Returns how many answers were added.
     """
+    from cfdpo.backends import get_backend
     from cfdpo.generate import GenParams, answers_path, plan_rows, resolve_dtype, run_generation
-    from cfdpo.models import load_model, load_tokenizer, model_id
+    from cfdpo.models import load_tokenizer, model_id
     from cfdpo.runio import JsonlLog
     from cfdpo.train import set_threads
 
@@ -149,12 +150,8 @@ def generate(run: Run) -> int:
 
     def loader():
         tok = load_tokenizer(path, r.trust_remote_code)
-        if g.backend == "vllm":
-            from cfdpo.vllm_backend import VllmGenerator
-
-            return VllmGenerator(path, resolve_dtype(g.dtype), r.trust_remote_code, g.seed + 7919 * rank), tok
         tok.padding_side = "left"
-        return load_model(path, resolve_dtype(g.dtype), r.trust_remote_code).to(dist.device()), tok
+        return get_backend(g.backend).load(path, resolve_dtype(g.dtype), r.trust_remote_code, g.seed + 7919 * rank), tok
 
     n = run_generation(rows, log, loader, batch_size=g.batch_size, seed=g.seed + 7919 * rank, label="generate")
     if w > 1:

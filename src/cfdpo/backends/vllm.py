@@ -1,8 +1,5 @@
 """`generation.backend: vllm`: the same answers.jsonl rows as the transformers backend, made by vLLM
 on a GPU (`pip install cfdpo[vllm]`).
-
-`load_vllm` returns a generator object that `generate.generate_answers` hands the work to, so
-caching, resume and sharding in `generate.run_generation` stay the same for both backends.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ def check_vllm() -> None:
 
 
 class VllmGenerator:
-    """A vLLM engine over one model; `generate_answers` mirrors `cfdpo.generate.generate_answers`."""
+    """A vLLM engine over one model as a generation backend."""
 
     def __init__(self, model_path: str, dtype: str, trust_remote_code: bool = False, seed: int = 0,
                  gpu_memory_utilization: float = 0.85):
@@ -69,3 +66,8 @@ def outputs_to_answers(outs) -> tuple[list[list[str]], list[list[int]]]:
         answers.append([c.text.strip() for c in o.outputs])
         counts.append([len(c.token_ids) for c in o.outputs])
     return answers, counts
+
+
+def load(model_path: str, dtype: str, trust_remote_code: bool = False, seed: int = 0) -> VllmGenerator:
+    """A vLLM engine seeded with `seed`; a one-line CfdpoError without vLLM or a CUDA GPU."""
+    return VllmGenerator(model_path, dtype, trust_remote_code, seed)
