@@ -11,7 +11,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# the same OpenMP wait policy for every path (cfdpo sets it on import; see src/cfdpo/__init__.py)
+# the same OpenMP wait policy for every path (the cfdpo CLI sets it too: cfdpo.runtime.configure_openmp)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parent.parent

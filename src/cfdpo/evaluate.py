@@ -30,8 +30,9 @@ from pathlib import Path
 
 from cfdpo import counterfactual
 from cfdpo.errors import CfdpoError
-from cfdpo.generate import GenParams, cache_kwarg, pad_batch, plan_rows, resolve_dtype, run_generation
+from cfdpo.generate import GenParams, cache_kwarg, pad_batch, plan_rows, run_generation
 from cfdpo.runio import JsonlLog, read_json, write_json
+from cfdpo.runtime import resolve_dtype
 from cfdpo.scorers import make_scorer
 from cfdpo.scorers.base import words
 from cfdpo.spec import Behaviour, Recipe

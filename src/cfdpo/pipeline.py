@@ -125,10 +125,10 @@ def generate(run: Run) -> int:
     On several processes each rank answers its share into a shard file and rank 0 merges the
     shards into answers.jsonl (see `cfdpo.dist`). Returns how many answers were added.
     """
-    from cfdpo.generate import GenParams, answers_path, plan_rows, resolve_dtype, run_generation
+    from cfdpo.generate import GenParams, answers_path, plan_rows, run_generation
     from cfdpo.models import load_model, load_tokenizer, model_id
     from cfdpo.runio import JsonlLog
-    from cfdpo.train import set_threads
+    from cfdpo.runtime import resolve_dtype, set_threads
 
     r = run.recipe
     g = r.generation
@@ -204,7 +204,8 @@ def _build_pairs(run: Run) -> dict[str, dict]:
 def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft: bool = False) -> list[Path]:
     """Train one LoRA adapter per variant (and the SFT baseline with `sft=True`)."""
     from cfdpo.pairs import load_pairs
-    from cfdpo.train import set_threads, train_dpo, train_sft
+    from cfdpo.runtime import set_threads
+    from cfdpo.train import train_dpo, train_sft
 
     r = run.recipe
     todo = variants or list(r.variants)
@@ -241,7 +242,7 @@ def evaluate(run: Run) -> dict:
 
 def _evaluate(run: Run) -> dict:
     from cfdpo.evaluate import evaluate_run
-    from cfdpo.train import set_threads
+    from cfdpo.runtime import set_threads
 
     set_threads()
     _, held_out = run.split()
