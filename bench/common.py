@@ -43,10 +43,11 @@ def bench_pairs(n: int, model_path: str):
     generated once by cfdpo with the model and cached in bench/.cache/answers.jsonl."""
     from datasets import Dataset
 
-    from cfdpo.generate import GenParams, plan_rows, resolve_dtype, run_generation
+    from cfdpo.generate import GenParams, plan_rows, run_generation
     from cfdpo.models import load_model, load_tokenizer, model_id
     from cfdpo.pairs import build_pairs
     from cfdpo.runio import JsonlLog
+    from cfdpo.runtime import resolve_dtype
     from cfdpo.spec import GenerationSpec
 
     r = pirate_recipe()

@@ -197,7 +197,8 @@ def gen_worker(path: str, n_prompts: int, n_naive: int, new_tokens: int) -> dict
     tok.padding_side = "left"
     stop_ids = torch.tensor(sorted({tok.pad_token_id, tok.eos_token_id}))
     if path.startswith("cfdpo"):
-        from cfdpo.generate import GenParams, generate_answers, resolve_dtype
+        from cfdpo.generate import GenParams, generate_answers
+        from cfdpo.runtime import resolve_dtype
         from cfdpo.spec import GenerationSpec
 
         g = GenerationSpec(dtype="float32") if path == "cfdpo-fp32" else GenerationSpec()

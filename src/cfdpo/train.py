@@ -23,8 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cfdpo import dist
-from cfdpo.cpu_kernels import CpuKernels
+from cfdpo import cpu_kernels, dist
 from cfdpo.errors import CfdpoError
 from cfdpo.runio import recover_dir, replace_dir, write_json
 from cfdpo.runtime import bf16_supported, train_dtype
@@ -151,7 +150,7 @@ def last_checkpoint(work: Path) -> str | None:
 
 
 def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: str | Path, merge: bool,
-           trust_remote_code: bool, dtype: str, make_trainer, kernels: CpuKernels | None = None) -> Path:
+           trust_remote_code: bool, dtype: str, make_trainer, kernels: cpu_kernels.CpuKernels | None) -> Path:
     """Shared by DPO and SFT: skip a current adapter, resume from checkpoints, publish atomically.
 
     `make_trainer(model, tokenizer, common_args)` returns (trainer, number of examples).
@@ -159,7 +158,6 @@ def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: st
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
-    from cfdpo import cpu_kernels
     from cfdpo.models import load_model, load_tokenizer
 
     if len(pairs_dataset) == 0:
@@ -194,7 +192,7 @@ def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: st
 
 def train_dpo(
     model_path: str, pairs_dataset, spec: DPOSpec, out_dir: str | Path, merge: bool = False,
-    trust_remote_code: bool = False, dtype: str | None = None, kernels: CpuKernels | None = None,
+    trust_remote_code: bool = False, dtype: str | None = None, kernels: cpu_kernels.CpuKernels | None = None,
 ) -> Path:
     """Train a LoRA adapter with DPO on a conversational preference dataset; returns the adapter dir.
     `kernels` chooses cfdpo's CPU training kernels (default: all that apply)."""
@@ -216,7 +214,7 @@ def train_dpo(
 
 def train_sft(
     model_path: str, pairs_dataset, spec: DPOSpec, out_dir: str | Path, merge: bool = False,
-    trust_remote_code: bool = False, dtype: str | None = None, kernels: CpuKernels | None = None,
+    trust_remote_code: bool = False, dtype: str | None = None, kernels: cpu_kernels.CpuKernels | None = None,
 ) -> Path:
     """Context-distillation baseline: SFT on (control prompt -> chosen answer), same LoRA budget."""
 
