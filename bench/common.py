@@ -11,7 +11,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# the same OpenMP wait policy for every path (cfdpo sets it on import; see src/cfdpo/__init__.py)
+# the same OpenMP wait policy for every path (the cfdpo CLI sets it too: cfdpo.runtime.configure_openmp)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,10 +44,11 @@ def bench_pairs(n: int, model_path: str):
     from datasets import Dataset
 
     from cfdpo.backends.transformers import TransformersGenerator
-    from cfdpo.generate import GenParams, plan_rows, resolve_dtype, run_generation
+    from cfdpo.generate import GenParams, plan_rows, run_generation
     from cfdpo.models import load_model, load_tokenizer, model_id
     from cfdpo.pairs import build_pairs
     from cfdpo.runio import JsonlLog
+    from cfdpo.runtime import resolve_dtype
     from cfdpo.spec import GenerationSpec
 
     r = pirate_recipe()

@@ -2,12 +2,12 @@
 
     .venv/bin/python bench/kernels.py [--repeats 10]
 
-- LM-head scoring (`cfdpo.train.picked_log_probs`) vs `log_softmax(logits.float()).gather(...)`, on bf16
+- LM-head scoring (`cfdpo.cpu_kernels.lm_head.picked_log_probs`) vs `log_softmax(logits.float()).gather(...)`, on bf16
   logits of a DPO step's shape (680 labelled tokens, the default model's 49152-token vocabulary);
   "policy": forward with TRL's metrics (entropy, mean logit, top-1) and backward; "reference": forward.
 - Attention of a DPO batch of 4 pairs (prompt / chosen / rejected lengths drawn around the bench
   pairs' means 49 / 91 / 85; 9 query and 3 key-value heads of 64 as in the default model; bf16):
-  cfdpo's padding-free packed row (`cfdpo.train.pair_attention`) vs one `prompt | chosen | rejected`
+  cfdpo's padding-free packed row (`cfdpo.cpu_kernels.packed_pairs.pair_attention`) vs one `prompt | chosen | rejected`
   row per pair, right-padded, through sdpa with the 4D mask (cfdpo's previous layout).
 Prints milliseconds per call and the ratio plain / cfdpo (the fastest of --repeats calls each) and
 writes the table to bench/results/kernels-<stamp>.md.
@@ -38,7 +38,7 @@ def timed(fn, repeats: int) -> float:
 def head_rows(repeats: int) -> list[tuple[str, float, float]]:
     import torch
 
-    from cfdpo.train import picked_log_probs
+    from cfdpo.cpu_kernels.lm_head import picked_log_probs
 
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(680, 49152, generator=g) * 3).bfloat16()
@@ -72,7 +72,7 @@ def head_rows(repeats: int) -> list[tuple[str, float, float]]:
 def attention_rows(repeats: int) -> list[tuple[str, float, float]]:
     import torch
 
-    from cfdpo import train
+    from cfdpo.cpu_kernels import packed_pairs
 
     g = torch.Generator().manual_seed(1)
     lens = [(int(torch.randint(30, 70, (), generator=g)), int(torch.randint(60, 120, (), generator=g)),
@@ -82,14 +82,14 @@ def attention_rows(repeats: int) -> list[tuple[str, float, float]]:
     ids = torch.zeros(8, max(p + max(c, r) for p, c, r in lens), dtype=torch.long)
     seen = {}
 
-    class Body:  # records the packed row that cfdpo.train.shared_prompt_hidden builds
+    class Body:  # records the packed row that shared_prompt_hidden builds
         config = SimpleNamespace(_attn_implementation="sdpa")
 
         def __call__(self, **kw):
             seen.update(kw)
             return SimpleNamespace(last_hidden_state=torch.zeros(1, kw["input_ids"].shape[1], 1))
 
-    train.shared_prompt_hidden(Body(), ids, prompt_len, comp_len)
+    packed_pairs.shared_prompt_hidden(Body(), ids, prompt_len, comp_len)
     parts, total = seen["cfdpo_pairs"], seen["input_ids"].shape[1]
     width = max(p + c + r for p, c, r in lens)
     padded = torch.zeros(4, 1, width, width, dtype=torch.bool)  # the previous layout's mask
@@ -105,7 +105,7 @@ def attention_rows(repeats: int) -> list[tuple[str, float, float]]:
     row, rows = tensors(1, total), tensors(4, width)
 
     def cfdpo():
-        return train.pair_attention(module, *row, None, scaling=0.125, cfdpo_pairs=parts)[0]
+        return packed_pairs.pair_attention(module, *row, None, scaling=0.125, cfdpo_pairs=parts)[0]
 
     def plain():
         return torch.nn.functional.scaled_dot_product_attention(*rows, attn_mask=padded, scale=0.125, enable_gqa=True)

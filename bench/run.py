@@ -45,6 +45,21 @@ TRAIN_PATHS = ["trl-default", "trl-fp32", "cfdpo"]
 TRAIN_EXTRA = ["cfdpo-precompute", "cfdpo-bf16", "cfdpo-fp32", "cfdpo-trlhead", "cfdpo-noshare", "cfdpo-loracast", "cfdpo-sdpa"]
 GEN_PATHS = ["naive", "hf-batch16", "cfdpo"]
 GEN_EXTRA = ["cfdpo-fp32"]
+SPEC_PATHS = {"cfdpo-precompute": {"precompute_ref_log_probs": True}, "cfdpo-bf16": {"bf16": True},
+              "cfdpo-fp32": {"bf16": False}}
+KERNEL_PATHS = {
+    "cfdpo-trlhead": {"lm_head": False},  # TRL's fused-head kernel instead of cfdpo's CPU LM head
+    "cfdpo-noshare": {"shared_prompt": False},  # cfdpo's LM head; chosen and rejected each run their own prompt
+    "cfdpo-loracast": {"bf16_lora_inputs": False},  # PEFT's fp32 cast of the LoRA inputs left on
+    "cfdpo-sdpa": {"eager_max_scores": 0},  # torch's sdpa kernel for the packed rows' attention, also with gradients
+}
+
+
+def kernel_switches(path: str):
+    """The CPU training kernels of a cfdpo training path: all of them, or all but the one it measures."""
+    from cfdpo.cpu_kernels import CpuKernels
+
+    return CpuKernels(**KERNEL_PATHS.get(path, {}))
 
 
 def dpo_spec(**over):
@@ -118,7 +133,7 @@ def train_worker(path: str, n_pairs: int, n_score: int, workdir: Path) -> dict:
     if path.startswith("trl-"):
         from trl import DPOConfig, DPOTrainer
 
-        from cfdpo.train import _lora
+        from cfdpo.train import lora_config
 
         extra = {"bf16": False} if path == "trl-fp32" else {}
         args = DPOConfig(output_dir=str(workdir), use_cpu=not torch.cuda.is_available(),
@@ -127,7 +142,7 @@ def train_worker(path: str, n_pairs: int, n_score: int, workdir: Path) -> dict:
                          seed=spec.seed, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
                          **extra)
         trainer = DPOTrainer(model=load_model(model_path, "float32"), args=args, train_dataset=ds,
-                             processing_class=tok, peft_config=_lora(spec))
+                             processing_class=tok, peft_config=lora_config(spec))
         trainer.train()
         seconds = time.perf_counter() - t0
         model, settings = trainer.model, {"bf16": args.bf16, "weights": "float32", "gradient_checkpointing": args.gradient_checkpointing,
@@ -136,31 +151,11 @@ def train_worker(path: str, n_pairs: int, n_score: int, workdir: Path) -> dict:
     else:
         from peft import PeftModel
 
-        from cfdpo.train import bf16_supported, train_dpo, train_dtype
+        from cfdpo.runtime import bf16_supported, train_dtype
+        from cfdpo.train import train_dpo
 
-        if path == "cfdpo-precompute":
-            spec = dpo_spec(precompute_ref_log_probs=True)
-        elif path == "cfdpo-bf16":
-            spec = dpo_spec(bf16=True)
-        elif path == "cfdpo-fp32":
-            spec = dpo_spec(bf16=False)
-        elif path == "cfdpo-trlhead":  # the same without cfdpo's CPU LM head: TRL's fused-head kernel
-            import cfdpo.train
-
-            cfdpo.train.lean_lm_head = lambda trainer: False
-        elif path == "cfdpo-noshare":  # cfdpo's LM head, but chosen and rejected each run their own prompt
-            import cfdpo.train
-
-            cfdpo.train.shared_prompt = lambda kwargs, labels: None
-        elif path == "cfdpo-loracast":  # cfdpo with PEFT's fp32 cast of the LoRA inputs left on
-            import cfdpo.train
-
-            cfdpo.train.bf16_lora_inputs = lambda trainer: False
-        elif path == "cfdpo-sdpa":  # cfdpo with torch's sdpa kernel for the packed rows' attention, also with gradients
-            import cfdpo.train
-
-            cfdpo.train.EAGER_MAX_SCORES = 0
-        adapter = train_dpo(model_path, ds, spec, workdir / "adapter")
+        spec = dpo_spec(**SPEC_PATHS.get(path, {}))
+        adapter = train_dpo(model_path, ds, spec, workdir / "adapter", kernels=kernel_switches(path))
         seconds = time.perf_counter() - t0
         log = json.loads((adapter / "train_log.json").read_text())["log_history"]
         model = PeftModel.from_pretrained(load_model(model_path, "float32"), str(adapter))
@@ -203,7 +198,8 @@ def gen_worker(path: str, n_prompts: int, n_naive: int, new_tokens: int) -> dict
     stop_ids = torch.tensor(sorted({tok.pad_token_id, tok.eos_token_id}))
     if path.startswith("cfdpo"):
         from cfdpo.backends.transformers import generate_answers
-        from cfdpo.generate import GenParams, resolve_dtype
+        from cfdpo.generate import GenParams
+        from cfdpo.runtime import resolve_dtype
         from cfdpo.spec import GenerationSpec
 
         g = GenerationSpec(dtype="float32") if path == "cfdpo-fp32" else GenerationSpec()
@@ -282,7 +278,7 @@ def summarise(res: dict) -> str:
             s = r["settings"]
             pps = r["pairs"] / r["seconds"]
             flops = 8 * r["n_params"] * r["tokens"] * dpo_epochs() / r["seconds"] / 1e9
-            rel = lambda k: f"{pps / (train[k]['pairs'] / train[k]['seconds']):.2f}" if k in train else "-"  # noqa: E731
+            rel = lambda k, pps=pps: f"{pps / (train[k]['pairs'] / train[k]['seconds']):.2f}" if k in train else "-"  # noqa: E731
             lines.append(f"| {name} | {s['bf16']} | {s.get('weights', 'float32')} | {s['gradient_checkpointing']} | {s['precompute_ref_log_probs']} "
                          f"| {r['seconds']:.0f} | {pps:.3f} | {rel('trl-default')} | {rel('trl-fp32')} "
                          f"| {flops / peak32:.0%} | {flops / peak16:.0%} | {r['peak_rss_mb']:.0f} "
@@ -297,7 +293,7 @@ def summarise(res: dict) -> str:
                   "| util bf16 | peak RSS MB | pirate score | words |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in gen.items():
             tps = r["new_tokens"] / r["seconds"]
-            rel = lambda k: f"{tps / (gen[k]['new_tokens'] / gen[k]['seconds']):.2f}" if k in gen else "-"  # noqa: E731
+            rel = lambda k, tps=tps: f"{tps / (gen[k]['new_tokens'] / gen[k]['seconds']):.2f}" if k in gen else "-"  # noqa: E731
             flops = 2 * r["n_params"] * tps / 1e9
             lines.append(f"| {name} | {r['settings']['dtype']} | {r['settings']['batch_size']} | {r['seconds']:.1f} "
                          f"| {tps:.1f} | {rel('naive')} | {rel('hf-batch16')} | {flops / peak32:.0%} | {flops / peak16:.0%} "
@@ -341,9 +337,10 @@ def main() -> None:
     import torch
 
     from cfdpo.models import resolve_model
+    from cfdpo.runtime import usable_cpus
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    res = {"stamp": stamp, "command": "bench/run.py " + " ".join(sys.argv[1:]), "cpus": os.cpu_count(),
+    res = {"stamp": stamp, "command": "bench/run.py " + " ".join(sys.argv[1:]), "cpus": usable_cpus(),
            "threads": torch.get_num_threads(), "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg()),
            "new_tokens": args.new_tokens, "score_pairs": args.score_pairs,
            "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}}

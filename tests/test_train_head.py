@@ -21,7 +21,7 @@ def test_lean_head_matches_trl_fused_head(tiny_model):
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from cfdpo.train import lean_lm_head
+    from cfdpo.cpu_kernels.lm_head import lean_lm_head
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -48,7 +48,7 @@ def test_lean_head_matches_trl_fused_head(tiny_model):
 def test_lean_head_leaves_unpatched_models_alone(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from cfdpo.train import lean_lm_head
+    from cfdpo.cpu_kernels.lm_head import lean_lm_head
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert not lean_lm_head(SimpleNamespace(model=model))
@@ -78,7 +78,8 @@ def test_shared_prompt_pass_matches_trl_fused_head(tiny_model, attn, monkeypatch
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from cfdpo.train import lean_lm_head, shared_prompt
+    from cfdpo.cpu_kernels.lm_head import lean_lm_head
+    from cfdpo.cpu_kernels.packed_pairs import PairPacking, shared_prompt
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn)
@@ -96,18 +97,19 @@ def test_shared_prompt_pass_matches_trl_fused_head(tiny_model, attn, monkeypatch
         return out, grads
 
     want, want_grads = run()
-    assert lean_lm_head(SimpleNamespace(model=model))
-    import cfdpo.train as train
+    assert lean_lm_head(SimpleNamespace(model=model), PairPacking(base.config))
     from transformers.integrations import sdpa_attention
 
+    from cfdpo.cpu_kernels import packed_pairs
+
     calls = {"pairs": 0}
-    pair_attention = train.pair_attention
+    pair_attention = packed_pairs.pair_attention
 
     def counted(*a, **kw):
         calls["pairs"] += kw.get("cfdpo_pairs") is not None
         return pair_attention(*a, **kw)
 
-    monkeypatch.setattr(train, "pair_attention", counted)
+    monkeypatch.setattr(packed_pairs, "pair_attention", counted)
     if attn == "sdpa":  # packed: every layer's attention is cfdpo's, never the masked fallback
         monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", lambda *a, **kw: pytest.fail("fallback"))
     got, got_grads = run()
@@ -127,7 +129,8 @@ def test_shared_prompt_falls_back_for_a_model_without_extra_arguments(tiny_model
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from cfdpo.train import lean_lm_head
+    from cfdpo.cpu_kernels.lm_head import lean_lm_head
+    from cfdpo.cpu_kernels.packed_pairs import PairPacking
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -138,7 +141,7 @@ def test_shared_prompt_falls_back_for_a_model_without_extra_arguments(tiny_model
     body, forward = base.model, base.model.forward
     body.forward = lambda input_ids=None, attention_mask=None, position_ids=None, use_cache=None: forward(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache)
-    assert lean_lm_head(SimpleNamespace(model=model))
+    assert lean_lm_head(SimpleNamespace(model=model), PairPacking(base.config))
     for _ in range(2):  # the first call finds out, the second goes straight to TRL's rows
         got = model(input_ids=ids, attention_mask=att, labels=labels, fused_lm_head=True).log_probs
         assert torch.allclose(got, want, atol=1e-4)
@@ -146,7 +149,7 @@ def test_shared_prompt_falls_back_for_a_model_without_extra_arguments(tiny_model
 
 
 def test_shared_prompt_needs_the_pair_layout():
-    from cfdpo.train import shared_prompt
+    from cfdpo.cpu_kernels.packed_pairs import shared_prompt
 
     ids, att, labels = _pair_batch(100)
     kw = {"input_ids": ids, "attention_mask": att}
@@ -165,7 +168,7 @@ def test_bf16_lora_inputs_skips_the_round_trip_cast(tiny_model):
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import AutoModelForCausalLM
 
-    from cfdpo.train import bf16_lora_inputs
+    from cfdpo.cpu_kernels.lora_inputs import bf16_lora_inputs
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
@@ -193,7 +196,7 @@ def test_bf16_lora_inputs_skips_the_round_trip_cast(tiny_model):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_picked_log_probs_is_log_softmax_gather(dtype):
-    from cfdpo.train import picked_log_probs
+    from cfdpo.cpu_kernels.lm_head import picked_log_probs
 
     g = torch.Generator().manual_seed(3)
     logits = (torch.randn(11, 97, generator=g) * 4).to(dtype)
@@ -221,12 +224,10 @@ def test_picked_log_probs_is_log_softmax_gather(dtype):
 
 
 @pytest.mark.parametrize("eager", [True, False])
-def test_pair_attention_is_masked_attention(eager, monkeypatch):
+def test_pair_attention_is_masked_attention(eager):
     """The two-part attention of a packed pair row equals sdpa over the row with its full mask (grouped
     heads, pairs of different lengths), outputs and gradients, through both of its arithmetic paths."""
-    import cfdpo.train as train
-
-    monkeypatch.setattr(train, "EAGER_MAX_SCORES", 2**23 if eager else 0)
+    from cfdpo.cpu_kernels import packed_pairs
     ids = torch.arange(40).repeat(4, 1)
     prompt_len, comp_len = torch.tensor([3, 5]), torch.tensor([4, 2, 1, 6])  # chosen 4, 2; rejected 1, 6
     seen = {}
@@ -238,7 +239,7 @@ def test_pair_attention_is_masked_attention(eager, monkeypatch):
             seen.update(kw)
             return SimpleNamespace(last_hidden_state=torch.zeros(1, kw["input_ids"].shape[1], 1))
 
-    train.shared_prompt_hidden(Body(), ids, prompt_len, comp_len)
+    packed_pairs.shared_prompt_hidden(Body(), ids, prompt_len, comp_len, eager_max_scores=2**23 if eager else 0)
     assert seen["input_ids"].shape[1] == 3 + 4 + 1 + 5 + 2 + 6  # no padding
     assert seen["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 3, 0, 1, 2, 3, 4, 5, 6, 5, 6, 7, 8, 9, 10]
     full, parts = seen["attention_mask"], seen["cfdpo_pairs"]
@@ -247,7 +248,7 @@ def test_pair_attention_is_masked_attention(eager, monkeypatch):
     q, k, v = (torch.randn(1, h, 21, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
     module = SimpleNamespace(training=True)
     with torch.enable_grad():
-        got = train.pair_attention(module, q, k, v, full, scaling=0.3, cfdpo_pairs=parts)[0]
+        got = packed_pairs.pair_attention(module, q, k, v, full, scaling=0.3, cfdpo_pairs=parts)[0]
         (got * torch.arange(got.numel()).view(got.shape).sin()).sum().backward()
     got_grads = [x.grad.clone() for x in (q, k, v)]
     for x in (q, k, v):

@@ -218,6 +218,9 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cfdpo.runtime import configure_openmp
+
+    configure_openmp()  # before anything imports torch
     from cfdpo import dist
 
     if not dist.is_main():

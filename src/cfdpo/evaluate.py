@@ -29,9 +29,10 @@ from pathlib import Path
 from cfdpo import counterfactual
 from cfdpo.backends.transformers import TransformersGenerator
 from cfdpo.errors import CfdpoError
-from cfdpo.generate import GenParams, plan_rows, resolve_dtype, run_generation
+from cfdpo.generate import GenParams, plan_rows, run_generation
 from cfdpo.likelihood import load_mcq, mcq_accuracy, mean_nll
 from cfdpo.runio import JsonlLog, read_json, write_json
+from cfdpo.runtime import resolve_dtype
 from cfdpo.scorers import make_scorer
 from cfdpo.scorers.base import words
 from cfdpo.spec import Behaviour, LmEvalSpec, Recipe

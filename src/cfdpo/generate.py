@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cfdpo import counterfactual
+from cfdpo.progress import GenerationProgress
 from cfdpo.runio import JsonlLog
 from cfdpo.spec import Behaviour
 
@@ -54,55 +53,6 @@ def plan_rows(
     return rows
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 weights pay."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
-
-
-def resolve_dtype(dtype: str, purpose: str = "generate") -> str:
-    """`auto`: bf16 (fp16 without bf16) on a GPU; on a CPU bf16 for sampling answers where the CPU has
-    native bf16 (decoding is bound by reading the weights: bf16 halves that, measured 2-3x faster
-    matmuls at decode shapes, bench/results) and float32 for evaluation, whose NLL and
-    multiple-choice log-probs compare small differences between models."""
-    if dtype != "auto":
-        return dtype
-    import torch
-
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "bfloat16" if purpose == "generate" and cpu_has_bf16() else "float32"
-
-
-class Progress:
-    """A rich progress bar that shows rows done and new tokens per second."""
-
-    def __init__(self, total: int, label: str):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeRemainingColumn
-
-        self.bar = RP(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[tps]:>7.1f} tok/s"), TimeRemainingColumn(), transient=False,
-            disable=os.environ.get("RANK", "0") != "0",  # one bar: rank 0's share
-        )
-        self.total_tokens = 0
-        self.start = time.perf_counter()
-        self.task = self.bar.add_task(label, total=total, tps=0.0)
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
-
-    def advance(self, rows: int, tokens: int) -> None:
-        self.total_tokens += tokens
-        tps = self.total_tokens / max(time.perf_counter() - self.start, 1e-9)
-        self.bar.update(self.task, advance=rows, tps=tps)
 
 
 def run_generation(
@@ -125,7 +75,7 @@ def run_generation(
     params = GenParams(**unit_rows[0][0]["gen"])
     generator, tokenizer = load_generator()
 
-    with Progress(len(todo), label) as prog:
+    with GenerationProgress(len(todo), label) as prog:
 
         def on_batch(indices, answers, counts):
             out = []

@@ -135,7 +135,6 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
     """Load a causal LM from safetensors only (never pickle)."""
     import torch
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -126,10 +126,10 @@ def generate(run: Run) -> int:
     shards into answers.jsonl (see `cfdpo.dist`). Returns how many answers were added.
     """
     from cfdpo.backends import get_backend
-    from cfdpo.generate import GenParams, answers_path, plan_rows, resolve_dtype, run_generation
+    from cfdpo.generate import GenParams, answers_path, plan_rows, run_generation
     from cfdpo.models import load_tokenizer, model_id
     from cfdpo.runio import JsonlLog
-    from cfdpo.train import set_threads
+    from cfdpo.runtime import resolve_dtype, set_threads
 
     r = run.recipe
     g = r.generation
@@ -174,7 +174,8 @@ def build_pairs(run: Run) -> dict[str, dict]:
 
 def _build_pairs(run: Run) -> dict[str, dict]:
     from cfdpo.generate import answers_path
-    from cfdpo.pairs import build_pairs as build, pair_stats, write_pairs
+    from cfdpo.pairs import build_pairs as build
+    from cfdpo.pairs import pair_stats, write_pairs
     from cfdpo.runio import JsonlLog
     from cfdpo.scorers import make_scorer
 
@@ -201,7 +202,8 @@ def _build_pairs(run: Run) -> dict[str, dict]:
 def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft: bool = False) -> list[Path]:
     """Train one LoRA adapter per variant (and the SFT baseline with `sft=True`)."""
     from cfdpo.pairs import load_pairs
-    from cfdpo.train import set_threads, train_dpo, train_sft
+    from cfdpo.runtime import set_threads
+    from cfdpo.train import train_dpo, train_sft
 
     r = run.recipe
     todo = variants or list(r.variants)
@@ -238,7 +240,7 @@ def evaluate(run: Run) -> dict:
 
 def _evaluate(run: Run) -> dict:
     from cfdpo.evaluate import evaluate_run
-    from cfdpo.train import set_threads
+    from cfdpo.runtime import set_threads
 
     set_threads()
     _, held_out = run.split()
