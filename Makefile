@@ -30,8 +30,15 @@ browser:
 demo: $(STAMP)
 	$(BIN)/cfdpo run recipes/pirate.yaml --out runs/demo
 
+# Tests whose code path depends on the CPU kind (bf16 where it is native, fp32 elsewhere): run again
+# with each path forced, so CI on either kind of CPU exercises both.
+DTYPE_TESTS := tests/test_integration.py tests/test_generate.py tests/test_train_head.py tests/test_runtime.py
+
 test: $(STAMP) browser
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+	CFDPO_CPU_BF16=0 $(BIN)/python -m pytest -q -m "not slow" $(DTYPE_TESTS)
+	CFDPO_CPU_BF16=1 $(BIN)/python -m pytest -q -m "not slow" $(DTYPE_TESTS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
