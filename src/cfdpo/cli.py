@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -131,7 +133,17 @@ def report(run_dir: Path = RunDirArg):
     from cfdpo.dist import on_main
     from cfdpo.report import write_report
 
-    console.print(f"report -> {on_main(lambda: write_report(run_dir))}")
+    console.print(f"report -> {on_main(lambda: _holding(run_dir, write_report))}")
+
+
+def _holding(run_dir: Path, write):
+    """`write(run_dir)` while holding the run directory's lock (a missing directory is left to `write` to refuse)."""
+    from contextlib import nullcontext
+
+    from cfdpo.lock import hold
+
+    with hold(run_dir) if run_dir.is_dir() else nullcontext():
+        return write(run_dir)
 
 
 @app.command()
@@ -202,11 +214,15 @@ def benchmark(
 
     from cfdpo.benchmark.plan import Sizes, make_plan
     from cfdpo.benchmark.runner import run_benchmark
+    from cfdpo.dist import on_main
+    from cfdpo.lock import hold
 
     command = "cfdpo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] else ""
     plan = make_plan([recipe_path(r) for r in recipes], seeds, out, docs, Sizes(train_size, eval_size, samples, mcq_items),
                      pair_quality, multi, command, targets)
-    run_benchmark(plan)
+    out.mkdir(parents=True, exist_ok=True)
+    with on_main(lambda: hold(out)):  # one benchmark per --out
+        run_benchmark(plan)
     console.print(f"[green]results:[/green] {docs / 'RESULTS.md'}")
 
 
@@ -232,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
+    started = time.monotonic()
     try:
         app(args=argv, standalone_mode=False)
     except CfdpoError as e:
@@ -240,25 +257,82 @@ def main(argv: list[str] | None = None) -> int:
             where = f"rank {dist.rank()}: " if not dist.is_main() else ""
             _error(f"{where}{e}")
         return 2
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        _error(f"{where}{e.strerror or e}")
-        return 2
     except KeyboardInterrupt:
         console.print("interrupted; rerun the same command to resume")
         return 130
     except SystemExit as e:
         return int(e.code or 0)
-    except Exception as e:  # click usage errors (typer >= 0.20 vendors click, so match by name)
+    except Exception as e:  # noqa: BLE001 - every failure ends as one line and an exit code
         kinds = {k.__name__ for k in type(e).__mro__}
-        if "ClickException" in kinds:  # usage errors: one line too
+        if "ClickException" in kinds:  # usage errors (typer >= 0.20 vendors click, so match by name): one line too
             hint = " (see cfdpo --help)" if "UsageError" in kinds else ""
             _error(f"{e.format_message()}{hint}")
             return 2
         if "Abort" in kinds:
             return 130
-        raise
+        if isinstance(e, OSError) and e.errno in USER_ERRNOS:  # a path the user named
+            where = f"{e.filename}: " if e.filename else ""
+            _error(f"{where}{e.strerror or e}")
+            return 2
+        console.quiet = False
+        where = f"rank {dist.rank()}: " if not dist.is_main() else ""
+        command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), "cfdpo")
+        _error(where + _environment_error(e, command, started))
+        return 1
     return 0
+
+
+# errno values of a path the user named (a missing input file, a file where a directory belongs);
+# None: a library's own OSError about its input (a model it cannot find). Every other OSError is the machine's.
+USER_ERRNOS = {None, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _environment_error(e: Exception, command: str, started: float) -> str:
+    """The one line for a failure of the machine (disk, memory, permissions) or of cfdpo itself; the traceback goes to a log."""
+    log = _save_traceback(e, command, started)
+    name = getattr(e, "filename", None)
+    number = getattr(e, "errno", None)
+    if number in (errno.ENOSPC, errno.EDQUOT):
+        what = f"disk full{f' while writing {name}' if name else ''}: free space and rerun the same command to resume"
+    elif number in (errno.EACCES, errno.EPERM, errno.EROFS):
+        what = (f"permission denied{f' on {name}' if name else ''} ({e.strerror}): "
+                "make it writable and rerun the same command to resume")
+    elif isinstance(e, MemoryError) or "OutOfMemoryError" in {k.__name__ for k in type(e).__mro__}:
+        what = "out of memory: free memory or lower the batch sizes, then rerun the same command to resume"
+    elif isinstance(e, OSError):
+        what = f"{e.strerror or e}{f' on {name}' if name else ''}: a problem of this machine; fix it and rerun the same command to resume"
+    else:
+        what = f"unexpected {type(e).__name__}: {str(e)[:300]}; this is a bug in cfdpo or a problem of this machine"
+    return f"{what} (traceback: {log})"
+
+
+def _save_traceback(e: Exception, command: str, started: float) -> str:
+    """Write the traceback to RUN_DIR/logs/ (the run directory this command locked), else to a temporary file; returns where."""
+    import tempfile
+    import traceback
+
+    from cfdpo.lock import held_dir
+
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    stem = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{''.join(c for c in command if c.isalnum() or c in '-_')}"
+    run_dir = held_dir(since=started)
+    if run_dir is not None:
+        path = run_dir / "logs" / f"{stem}.log"
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
+            return str(path)
+        except OSError:
+            pass
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"cfdpo-{stem}-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return name
+    except OSError as err:
+        sys.stderr.write(text)
+        return f"not saved ({err.strerror}), printed above"
 
 
 def entry() -> None:

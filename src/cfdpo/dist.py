@@ -138,7 +138,7 @@ def merge_shards(answers: Path, planned: list[dict]) -> int:
     """
     from cfdpo.runio import JsonlLog
 
-    log = JsonlLog(answers)  # also repairs a cut tail before other ranks read it
+    log = JsonlLog(answers)  # a cut tail is ignored here and cut off by the append below
     d = shard_dir(answers)
     files = sorted(d.glob("rank*-of-*.jsonl")) if d.is_dir() else []
     found: dict[str, dict] = {}

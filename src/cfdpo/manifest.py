@@ -5,8 +5,11 @@
 
 `inputs` are fixed when the run directory is made; reopening the directory with inputs that
 changed since (an edited prompt file, another model checkpoint) is refused, because the cached
-answers, pairs and adapters were made from the old ones. `stages` records when each stage last
-finished (and the package versions / git commit, where they differ from the ones at the top).
+answers, pairs and adapters were made from the old ones. A local model is identified by the
+sha256 of its files' contents (`inputs.model.sha256`, see `models.model_sha256`); a manifest
+without it was written by an older cfdpo that hashed file sizes only, and is refused. `stages`
+records when each stage last finished (and the package versions / git commit, where they differ
+from the ones at the top).
 """
 
 from __future__ import annotations
@@ -57,9 +60,13 @@ def prompts_identity(recipe: Recipe) -> dict:
 
 
 def inputs(recipe: Recipe, model_path: str) -> dict:
-    from cfdpo.models import model_id
+    from cfdpo.models import model_id, model_sha256
 
-    return {"prompts": prompts_identity(recipe), "model": {"name": recipe.model, "id": model_id(model_path)}}
+    model = {"name": recipe.model, "id": model_id(model_path)}
+    digest = model_sha256(model_path)
+    if digest is not None:  # a local checkpoint (a hub id is its own identity)
+        model["sha256"] = digest
+    return {"prompts": prompts_identity(recipe), "model": model}
 
 
 def build(recipe: Recipe, model_path: str) -> dict:
@@ -85,6 +92,11 @@ def check(run_dir: Path, recipe: Recipe, model_path: str) -> dict | None:
     if not isinstance(saved, dict) or not isinstance(saved.get("inputs"), dict):
         raise CfdpoError(f"{path}: not a cfdpo manifest; expected the manifest.json cfdpo wrote")
     now = inputs(recipe, model_path)
+    if "sha256" in now["model"] and "sha256" not in (saved["inputs"].get("model") or {}):
+        raise CfdpoError(
+            f"{run_dir}: made by an older cfdpo, which identified a model by its file sizes only; its answers cannot be "
+            "checked against this model and would not be reused; use a new --out directory"
+        )
     for what, fields in (("prompts", ("source", "sha256")), ("model", ("id",))):
         old, new = saved["inputs"].get(what) or {}, now[what]
         for f in fields:

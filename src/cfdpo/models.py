@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -149,15 +150,57 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
     return model
 
 
+# the files a checkpoint's behaviour depends on: config, tokenizer, chat template, weights
+IDENTITY_FILES = ("*.json", "*.jinja", "*.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.safetensors")
+HASH_CACHE = "file-sha256.json"
+
+
 def model_id(path: str) -> str:
-    """A stable identity for cache keys: the directory's config + weights sizes, or the hub id."""
+    """A stable identity for cache keys: `<dirname>:<16 hex>` of the checkpoint's content, or the hub id."""
+    digest = model_sha256(path)
+    return path if digest is None else f"{Path(path).name}:{digest[:16]}"
+
+
+def model_sha256(path: str) -> str | None:
+    """The sha256 of a local checkpoint's file names and contents (None for a hub id)."""
     p = Path(path)
     if not p.is_dir():
-        return path
+        return None
+    files = sorted({f for pattern in IDENTITY_FILES for f in p.glob(pattern) if f.is_file()})
+    digests = file_digests(files)
     h = hashlib.sha256()
-    for f in sorted(p.glob("*.json")) + sorted(p.glob("*.safetensors")):
+    for f in files:
+        h.update(f"{f.name}:{digests[f]}\n".encode())
+    return h.hexdigest()
+
+
+def file_digests(files: list[Path]) -> dict[Path, str]:
+    """sha256 of each file's content, streamed; cached in $CFDPO_CACHE by path, size, mtime and ctime,
+    so an unchanged file is read only once (a rewritten or touched one is hashed again)."""
+    from cfdpo.runio import file_sha256, write_json
+
+    cache_path = cache_dir() / HASH_CACHE
+    try:
+        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):  # no cache yet, or a damaged one: hash again
+        cache = {}
+    out, changed = {}, False
+    for f in files:
         st = f.stat()
-        h.update(f"{f.name}:{st.st_size}".encode())
-        if f.suffix == ".json":
-            h.update(f.read_bytes())
-    return f"{p.name}:{h.hexdigest()[:16]}"
+        key = str(f.resolve())
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        entry = cache.get(key)
+        if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+            out[f] = entry["sha256"]
+            continue
+        out[f] = file_sha256(f)
+        cache[key] = {"stamp": stamp, "sha256": out[f]}
+        changed = True
+    if changed:
+        try:
+            write_json(cache_path, {k: v for k, v in cache.items() if os.path.exists(k)})
+        except OSError:  # a read-only cache: the hashes are still right, only not remembered
+            pass
+    return out

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cfdpo import dist
 from cfdpo.errors import CfdpoError
+from cfdpo.lock import RunLock, hold
 from cfdpo.runio import check_inside, write_atomic, write_json
 from cfdpo.spec import Recipe, dump_recipe, load_recipe
 
@@ -29,6 +30,7 @@ class Run:
         self.dir = Path(run_dir)
         self.recipe = recipe
         self._model_path: str | None = None
+        self.lock: RunLock | None = None  # set by open_run: the directory is ours while this Run lives
 
     @property
     def model_path(self) -> str:
@@ -59,7 +61,8 @@ def open_run(
     model, the manifest's inputs, links leading out of the directory, and that it is writable.
     `trust_remote_code` is the user's consent to run a model's own code; a recipe that asks for it
     is refused without that consent (None: a stage that loads no model). `resume=False` refuses a directory that already has outputs.
-    On several processes rank 0 checks and writes; the others get its Run (or its error).
+    The returned Run holds the directory's lock (`cfdpo.lock`) while it lives: a second writer is refused.
+    On several processes rank 0 checks, locks and writes; the others get its Run (or its error).
     """
     return dist.on_main(lambda: _open_run(run_dir, recipe_path, trust_remote_code, resume))
 
@@ -69,6 +72,7 @@ def _open_run(run_dir: str | Path, recipe_path: str | Path | None, trust_remote_
 
     d = Path(run_dir)
     saved = d / "recipe.yaml"
+    held = hold(d) if saved.is_file() else None  # an existing run is checked and written under its lock
     if d.exists() and not d.is_dir():
         raise CfdpoError(f"{d}: exists and is not a directory; expected a run directory")
     if recipe_path is None:
@@ -112,6 +116,11 @@ def _open_run(run_dir: str | Path, recipe_path: str | Path | None, trust_remote_
         os.unlink(probe)
     except OSError as e:
         raise CfdpoError(f"{d}: output directory is not writable ({e.strerror}); expected a directory you can write to") from None
+    if held is None:  # a new run: lock it, and check again if another process made it meanwhile
+        held = hold(d)
+        if saved.is_file():
+            return _open_run(run_dir, recipe_path, trust_remote_code, resume)
+    run.lock = held
     if not saved.is_file():
         write_atomic(saved, dump_recipe(recipe))
     if saved_manifest is None:

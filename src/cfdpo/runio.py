@@ -1,8 +1,8 @@
 """Crash-safe file I/O for run directories.
 
 - `write_atomic` / `write_json`: temporary file in the same directory, fsync, rename.
-- `JsonlLog`: append-only JSONL; on open, an incomplete or corrupt last line (a killed writer)
-  is cut off, so every row that is there was written whole.
+- `JsonlLog`: append-only JSONL; an incomplete or corrupt last line (a killed writer) is ignored
+  when read and cut off before the next append, so every row that is there was written whole.
 - `replace_dir`: swap a finished directory (written aside) into place; `recover_dir` undoes a
   swap that a kill cut in half.
 """
@@ -61,19 +61,27 @@ def read_json(path: str | Path) -> Any:
 
 
 class JsonlLog:
-    """Append-only JSONL file of dict rows keyed by `key`."""
+    """Append-only JSONL file of dict rows keyed by `key`.
+
+    Opening only reads: an unterminated last line (a write that was cut short, or one still under
+    way in another process) is ignored, and the file is left as it is. The first `append` cuts
+    that tail off before writing, so a reader never changes the file.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.rows: list[dict] = []
+        self._repaired = False
         if self.path.exists():
-            self._load_and_repair()
+            self._load()
 
-    def _load_and_repair(self) -> None:
+    def _load(self) -> tuple[int, int]:
+        """Read the whole rows into `self.rows`; returns where they end and the file's length."""
         raw = self.path.read_bytes()
         good_end = 0
         pos = 0
         seen: set[str] = set()
+        rows = []
         while pos < len(raw):
             nl = raw.find(b"\n", pos)
             if nl < 0:
@@ -87,30 +95,51 @@ class JsonlLog:
                 break
             if row["key"] not in seen:
                 seen.add(row["key"])
-                self.rows.append(row)
+                rows.append(row)
             pos = good_end = nl + 1
-        if good_end < len(raw):
-            if raw[good_end:].count(b"\n") > 1:
-                raise CfdpoError(
-                    f"{self.path}: corrupt row in the middle of the file (byte {good_end}); expected one JSON object per line"
-                )
-            with open(self.path, "r+b") as f:
-                f.truncate(good_end)
-                f.flush()
-                os.fsync(f.fileno())
+        if raw[good_end:].count(b"\n") > 1:
+            raise CfdpoError(
+                f"{self.path}: corrupt row in the middle of the file (byte {good_end}); expected one JSON object per line"
+            )
+        self.rows = rows
+        return good_end, len(raw)
+
+    def _repair(self) -> None:
+        """Before the first write: cut off an incomplete or corrupt last line (the file is read again)."""
+        if self.path.exists():
+            good_end, size = self._load()
+            if good_end < size:
+                with open(self.path, "r+b") as f:
+                    f.truncate(good_end)
+                    f.flush()
+                    os.fsync(f.fileno())
+        self._repaired = True
 
     def keys(self) -> set[str]:
         return {r["key"] for r in self.rows}
 
     def append(self, rows: list[dict]) -> None:
+        """Append whole rows; a write that fails (a full disk) is undone, leaving the rows that were there."""
         if not rows:
             return
+        if not self._repaired:
+            self._repair()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-        with open(self.path, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                unwritten = memoryview(data)
+                while unwritten:
+                    unwritten = unwritten[os.write(fd, unwritten):]
+                os.fsync(fd)
+            except OSError as e:
+                os.ftruncate(fd, start)
+                e.filename = e.filename or str(self.path)  # os.write's errors name no file
+                raise
+        finally:
+            os.close(fd)
         self.rows.extend(rows)
 
 
