@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from cfdpo.spec import Behaviour
-
-CONDITIONS = ("control", "treatment", "negative")
+from cfdpo.variants import CONDITIONS
 
 
 def _with_instruction(prompt: str, instruction: str, behaviour: Behaviour) -> list[dict]:

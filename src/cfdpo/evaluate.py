@@ -28,15 +28,13 @@ import math
 from importlib import resources
 from pathlib import Path
 
-from cfdpo import counterfactual
+from cfdpo import counterfactual, variants
 from cfdpo.errors import CfdpoError
 from cfdpo.generate import GenParams, cache_kwarg, pad_batch, plan_rows, resolve_dtype, run_generation
 from cfdpo.runio import JsonlLog, read_json, write_json
 from cfdpo.scorers import make_scorer
 from cfdpo.scorers.base import words
 from cfdpo.spec import Behaviour, Recipe
-
-ADAPTER_ORDER = ("sft", "enc", "dis", "contrastive", "negation", "multi")
 
 
 def prompted_messages(prompt: str, condition: str, b: Behaviour) -> list[dict]:
@@ -56,7 +54,7 @@ def prompted_messages(prompt: str, condition: str, b: Behaviour) -> list[dict]:
 def find_adapters(run_dir: Path, names: list[str] | None = None) -> dict[str, Path]:
     root = run_dir / "adapters"
     found = {}
-    for name in names or ADAPTER_ORDER:
+    for name in names or variants.TRAINED_ORDER:
         d = root / name
         if (d / "adapter_config.json").is_file():
             found[name] = d
@@ -312,7 +310,7 @@ def evaluate_run(run_dir: str | Path, recipe: Recipe, model_path: str, eval_prom
     for label in labels:
         for cond in conditions:
             mid = f"{base_id}|{label}|{tags[label]}"
-            rows = plan_rows(eval_prompts, [cond], b, 1, mid, params, seed, extra={"model_label": label, "condition": cond})
+            rows = plan_rows(eval_prompts, [cond], b, 1, mid, params, seed, extra={"model_label": label})
             if label == "prompted":
                 for r in rows:
                     r["messages"] = prompted_messages(r["prompt"], cond, b)

@@ -177,7 +177,8 @@ def build_pairs(run: Run) -> dict[str, dict]:
 
 def _build_pairs(run: Run) -> dict[str, dict]:
     from cfdpo.generate import answers_path
-    from cfdpo.pairs import build_pairs as build, pair_stats, write_pairs
+    from cfdpo.pairs import build_pairs as build
+    from cfdpo.pairs import pair_stats, write_pairs
     from cfdpo.runio import JsonlLog
     from cfdpo.scorers import make_scorer
 
@@ -205,6 +206,7 @@ def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft:
     """Train one LoRA adapter per variant (and the SFT baseline with `sft=True`)."""
     from cfdpo.pairs import load_pairs
     from cfdpo.train import set_threads, train_dpo, train_sft
+    from cfdpo.variants import SFT_SOURCES
 
     r = run.recipe
     todo = variants or list(r.variants)
@@ -218,11 +220,10 @@ def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft:
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
-    # SFT targets: control prompt -> treatment answer (enc/contrastive pairs); with no treatment answers,
-    # the negation pairs' negative prompt -> control answer is the context-distillation analogue
-    src = next((v for v in ("enc", "contrastive", "negation") if v in r.variants), None)
+    src = next((v for v in SFT_SOURCES if v in r.variants), None)  # whose pairs give the SFT targets
     if sft and src is None:
-        raise CfdpoError("the SFT baseline needs an enc, contrastive or negation variant (their chosen answers are its targets)")
+        listed = ", ".join(SFT_SOURCES[:-1]) + " or " + SFT_SOURCES[-1]
+        raise CfdpoError(f"the SFT baseline needs an {listed} variant (their chosen answers are its targets)")
     out = []
     for v in todo:
         ds = load_pairs(run.dir / "pairs" / v)
