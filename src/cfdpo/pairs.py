@@ -37,10 +37,10 @@ def build_pairs(
     in the desired direction; `best_of_k` pairs, per prompt, the best-scoring chosen sample with
     the worst-scoring rejected sample (the largest scorer gap).
     """
-    spec = variants.get(variant)
+    variant_row = variants.get(variant)
     if (filter_pairs or best_of_k) and scorer is None:
         raise ValueError("filtering and best-of-k need a scorer")
-    prompt_cond, chosen_cond, rejected_cond = spec.prompt, spec.chosen, spec.rejected
+    prompt_cond, chosen_cond, rejected_cond = variant_row.prompt, variant_row.chosen, variant_row.rejected
     by_prompt: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     order: list[str] = []
     for r in rows:
