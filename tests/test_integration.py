@@ -16,10 +16,10 @@ def test_pipeline_end_to_end_tiny_model(tiny_model, tmp_path, capsys):
     assert main(["generate", str(run), "--recipe", str(rec)]) == 0
     rows = read_jsonl(run / "answers.jsonl")
     assert len(rows) == 6 * 3 * 2  # prompts x conditions x samples
-    assert {r["variant"] for r in rows} == {"control", "treatment", "negative"}
+    assert {r["condition"] for r in rows} == {"control", "treatment", "negative"}
     for r in rows:
-        assert {"key", "prompt_id", "prompt", "variant", "sample", "messages", "answer"} <= set(r)
-        if r["variant"] == "negative":
+        assert {"key", "prompt_id", "prompt", "condition", "sample", "messages", "answer"} <= set(r)
+        if r["condition"] == "negative":
             assert r["messages"][-1]["content"].startswith("Talk like a pirate.\n\n")
     # rerun: nothing new, file unchanged
     before = (run / "answers.jsonl").read_bytes()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from cfdpo import variants
 from cfdpo.errors import CfdpoError
 from cfdpo.pairs import build_pairs, pair_stats
+from cfdpo.runio import JsonlLog
 from cfdpo.scorers import make_scorer
 
 X = {"control": [{"role": "user", "content": "Q"}],
@@ -18,7 +22,7 @@ def rows(samples: int = 1, pid: str = "p1", answers: dict | None = None) -> list
     for cond in ("control", "treatment", "negative"):
         for s in range(samples):
             text = (answers or {}).get((cond, s), f"{cond} answer {s}")
-            out.append({"key": f"{pid}-{cond}-{s}", "prompt_id": pid, "variant": cond, "sample": s,
+            out.append({"key": f"{pid}-{cond}-{s}", "prompt_id": pid, "condition": cond, "sample": s,
                         "messages": X[cond], "answer": text})
     return out
 
@@ -57,7 +61,7 @@ def test_negation_prompt_negative_chosen_control_rejected_negative():
 
 
 def test_samples_pair_by_index_and_missing_conditions_are_skipped():
-    rs = rows(samples=3) + [r for r in rows(pid="p2") if r["variant"] != "treatment"]
+    rs = rows(samples=3) + [r for r in rows(pid="p2") if r["condition"] != "treatment"]
     enc = build_pairs(rs, "enc")
     assert [(p["prompt_id"], p["sample"]) for p in enc] == [("p1", 0), ("p1", 1), ("p1", 2)]
     assert all(p["chosen"][0]["content"].endswith(str(p["sample"])) for p in enc)
@@ -97,3 +101,16 @@ def test_stats():
     sc = make_scorer("length")
     s = pair_stats(build_pairs(rows(), "enc"), sc)
     assert s["count"] == 1 and s["score_chosen"] == 3.0 and s["mean_words_rejected"] == 3.0
+
+
+def test_answers_of_older_runs_with_a_variant_field_give_the_same_pairs(tmp_path):
+    """Runs written before the rename stored the condition as `variant`; their rows read as `condition`."""
+    new = rows(samples=2) + rows(pid="p2", samples=2)
+    old = [{("variant" if name == "condition" else name): value for name, value in r.items()} for r in new]
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in old[:4]), encoding="utf-8")
+    JsonlLog(path).append(new[4:])  # a rerun of the new code appends to the old file
+    read = JsonlLog(path).rows
+    assert read == new  # same keys: the cached answers stay valid
+    for v in variants.NAMES:
+        assert build_pairs(read, v) == build_pairs(new, v) != []

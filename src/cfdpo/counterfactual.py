@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from cfdpo.spec import PLACEMENTS, Behaviour
-
-CONDITIONS = ("control", "treatment", "negative")
+from cfdpo.variants import CONDITIONS
 
 
 def conversation(prompt: str, instruction: str | None, placement: str = "user_prefix",

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from cfdpo import counterfactual
+from cfdpo import counterfactual, variants
 from cfdpo.backends.transformers import TransformersGenerator
 from cfdpo.errors import CfdpoError
 from cfdpo.generate import GenParams, plan_rows, run_generation
@@ -36,8 +36,6 @@ from cfdpo.runtime import resolve_dtype
 from cfdpo.scorers import make_scorer
 from cfdpo.scorers.base import words
 from cfdpo.spec import Behaviour, LmEvalSpec, Recipe
-
-ADAPTER_ORDER = ("sft", "enc", "dis", "contrastive", "negation", "multi")
 
 
 def prompted_messages(prompt: str, condition: str, b: Behaviour) -> list[dict]:
@@ -57,7 +55,7 @@ def prompted_messages(prompt: str, condition: str, b: Behaviour) -> list[dict]:
 def find_adapters(run_dir: Path, names: list[str] | None = None) -> dict[str, Path]:
     root = run_dir / "adapters"
     found = {}
-    for name in names or ADAPTER_ORDER:
+    for name in names or variants.TRAINED_ORDER:
         d = root / name
         if (d / "adapter_config.json").is_file():
             found[name] = d
@@ -180,7 +178,7 @@ def plan_answers(models: EvalModels, conditions: list[str], eval_prompts: list[d
     for label in models.labels:
         for cond in conditions:
             rows = plan_rows(eval_prompts, [cond], b, 1, models.model_name(label), params, seed,
-                             extra={"model_label": label, "condition": cond})
+                             extra={"model_label": label})
             if label == "prompted":
                 for r in rows:
                     r["messages"] = prompted_messages(r["prompt"], cond, b)

@@ -47,7 +47,7 @@ def plan_rows(
             for s in range(samples):
                 rows.append({
                     "key": row_key(model, msgs, params, s, seed), "prompt_id": p["id"], "prompt": p["prompt"],
-                    "variant": cond, "sample": s, "messages": msgs, "model": model, "gen": params.as_dict(),
+                    "condition": cond, "sample": s, "messages": msgs, "model": model, "gen": params.as_dict(),
                     "seed": seed, **(extra or {}),
                 })
     return rows

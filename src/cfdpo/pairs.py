@@ -1,11 +1,7 @@
 """Counterfactual preference pairs: the heart of the method.
 
-| variant     | prompt given to DPO | chosen            | rejected          |
-|-------------|---------------------|-------------------|-------------------|
-| enc         | control  x_c        | treatment y_t     | control   y_c     |
-| dis         | control  x_c        | control   y_c     | negative  y_n     |
-| contrastive | control  x_c        | treatment y_t     | negative  y_n     |
-| negation    | negative x_n        | control   y_c     | negative  y_n     |
+A variant (a row of the table in `cfdpo.variants`) names the condition whose messages form the
+DPO prompt, the condition whose answer is chosen and the one whose answer is rejected.
 
 `build_pairs` is pure (rows in, pairs out); `write_pairs` saves a `datasets` dataset in TRL's
 conversational preference format plus `stats.json`.
@@ -19,18 +15,11 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from cfdpo import variants
 from cfdpo.errors import CfdpoError
 from cfdpo.runio import recover_dir, replace_dir, write_json
 from cfdpo.scorers import Scorer
 from cfdpo.scorers.base import words
-
-# variant -> (condition whose messages form the prompt, chosen condition, rejected condition)
-MAPPING: dict[str, tuple[str, str, str]] = {
-    "enc": ("control", "treatment", "control"),
-    "dis": ("control", "control", "negative"),
-    "contrastive": ("control", "treatment", "negative"),
-    "negation": ("negative", "control", "negative"),
-}
 
 
 def _assistant(text: str) -> list[dict]:
@@ -41,24 +30,23 @@ def build_pairs(
     rows: list[dict], variant: str, scorer: Scorer | None = None, desired: str = "lower",
     filter_pairs: bool = False, best_of_k: bool = False,
 ) -> list[dict]:
-    """Pairs for one variant from answer rows (`prompt_id`, `variant`, `sample`, `messages`, `answer`).
+    """Pairs for one variant from answer rows (`prompt_id`, `condition`, `sample`, `messages`, `answer`).
 
     Sample i of the chosen condition is paired with sample i of the rejected condition.
     `filter_pairs` drops pairs whose chosen answer does not beat the rejected one on the scorer
     in the desired direction; `best_of_k` pairs, per prompt, the best-scoring chosen sample with
     the worst-scoring rejected sample (the largest scorer gap).
     """
-    if variant not in MAPPING:
-        raise CfdpoError(f"unknown variant '{variant}'; expected one of: {', '.join(MAPPING)}")
+    variant_row = variants.get(variant)
     if (filter_pairs or best_of_k) and scorer is None:
         raise ValueError("filtering and best-of-k need a scorer")
-    prompt_cond, chosen_cond, rejected_cond = MAPPING[variant]
+    prompt_cond, chosen_cond, rejected_cond = variant_row.prompt, variant_row.chosen, variant_row.rejected
     by_prompt: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     order: list[str] = []
     for r in rows:
         if r["prompt_id"] not in by_prompt:
             order.append(r["prompt_id"])
-        by_prompt[r["prompt_id"]][r["variant"]][r["sample"]] = r
+        by_prompt[r["prompt_id"]][r["condition"]][r["sample"]] = r
     sign = -1.0 if desired == "lower" else 1.0  # larger signed score = more desired
     value = (lambda r: sign * scorer.score_one(r["answer"])) if scorer else None
     pairs: list[dict] = []

@@ -213,6 +213,7 @@ def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft:
     from cfdpo.pairs import load_pairs
     from cfdpo.runtime import set_threads
     from cfdpo.train import train_dpo, train_sft
+    from cfdpo.variants import SFT_SOURCES
 
     r = run.recipe
     todo = variants or list(r.variants)
@@ -226,11 +227,10 @@ def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft:
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
-    # SFT targets: control prompt -> treatment answer (enc/contrastive pairs); with no treatment answers,
-    # the negation pairs' negative prompt -> control answer is the context-distillation analogue
-    src = next((v for v in ("enc", "contrastive", "negation") if v in r.variants), None)
+    src = next((v for v in SFT_SOURCES if v in r.variants), None)  # whose pairs give the SFT targets
     if sft and src is None:
-        raise CfdpoError("the SFT baseline needs an enc, contrastive or negation variant (their chosen answers are its targets)")
+        listed = ", ".join(SFT_SOURCES[:-1]) + " or " + SFT_SOURCES[-1]
+        raise CfdpoError(f"the SFT baseline needs an {listed} variant (their chosen answers are its targets)")
     out = []
     for v in todo:
         ds = load_pairs(run.dir / "pairs" / v)

@@ -11,18 +11,22 @@ import io
 import json
 from pathlib import Path
 
+from cfdpo import variants
 from cfdpo.errors import CfdpoError
 from cfdpo.runio import JsonlLog, check_inside, read_json, write_atomic
 
+# what each model in the report is; the variants' adapters are noted by their label in the table of variants
 MODEL_NOTES = {
     "base": "the model as it is",
     "prompted": "base model given the instruction at inference (the teacher)",
     "sft": "SFT context-distillation baseline",
-    "enc": "Counterfactual ENC",
-    "dis": "Counterfactual DIS",
-    "contrastive": "Contrastive",
-    "negation": "Instruction Negation",
 }
+
+
+def model_note(name: str, default: str = "") -> str:
+    if name in variants.BY_NAME:
+        return variants.BY_NAME[name].label
+    return MODEL_NOTES.get(name, default)
 
 
 def fmt_value(x, digits: int = 3) -> str:
@@ -154,7 +158,7 @@ def render_md(metrics: dict, sample_rows: list[dict], plots: list[Path], run_dir
         "model's held-out control answers under the model, divided by the base model's own.", "",
         *md_table(head, rows),
     ]
-    lines += ["", "Models: " + "; ".join(f"`{n}` {MODEL_NOTES.get(n, '')}" for n in metrics["models"]), ""]
+    lines += ["", "Models: " + "; ".join(f"`{n}` {model_note(n)}" for n in metrics["models"]), ""]
     for p in plots:
         lines += [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})", ""]
     if sample_rows:
@@ -177,7 +181,7 @@ def render_html(metrics: dict, sample_rows: list[dict], plots: list[Path]) -> st
     e = html.escape
     table = "<table id='metrics'><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>"
     table += "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows) + "</tbody></table>"
-    notes = "".join(f"<li><b>{e(n)}</b>: {e(MODEL_NOTES.get(n, 'trained adapter'))}</li>" for n in metrics["models"])
+    notes = "".join(f"<li><b>{e(n)}</b>: {e(model_note(n, 'trained adapter'))}</li>" for n in metrics["models"])
     imgs = "".join(
         f"<figure><img class='plot' alt='{e(p.stem)}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
         f"<figcaption>{e(p.stem)}</figcaption></figure>"

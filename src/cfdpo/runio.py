@@ -2,7 +2,8 @@
 
 - `write_atomic` / `write_json`: temporary file in the same directory, fsync, rename.
 - `JsonlLog`: append-only JSONL; an incomplete or corrupt last line (a killed writer) is ignored
-  when read and cut off before the next append, so every row that is there was written whole.
+  when read and cut off before the next append, so every row that is there was written whole;
+  rows of older runs are read in the current field names (`read_row`).
 - `replace_dir`: swap a finished directory (written aside) into place; `recover_dir` undoes a
   swap that a kill cut in half.
 """
@@ -60,6 +61,14 @@ def read_json(path: str | Path) -> Any:
         raise CfdpoError(f"{p}: not valid JSON ({e.__class__.__name__})") from None
 
 
+def read_row(row: dict) -> dict:
+    """An answer row in the current field names: runs written before `condition` (control /
+    treatment / negative) was named so called it `variant`. The key, and so the cache, is unchanged."""
+    if "variant" in row and "condition" not in row:
+        return {("condition" if name == "variant" else name): value for name, value in row.items()}
+    return row
+
+
 class JsonlLog:
     """Append-only JSONL file of dict rows keyed by `key`.
 
@@ -95,7 +104,7 @@ class JsonlLog:
                 break
             if row["key"] not in seen:
                 seen.add(row["key"])
-                rows.append(row)
+                rows.append(read_row(row))
             pos = good_end = nl + 1
         if raw[good_end:].count(b"\n") > 1:
             raise CfdpoError(

@@ -13,15 +13,27 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cfdpo import variants as variant_table
 from cfdpo.errors import CfdpoError
 
-VARIANTS = ("enc", "dis", "contrastive", "negation")
-Variant = Literal["enc", "dis", "contrastive", "negation"]
+
+def _known_variant(value: Any) -> Any:
+    """A name in the table of variants; otherwise pydantic's own wording for a literal."""
+    if value not in variant_table.NAMES:
+        quoted = [f"'{name}'" for name in variant_table.NAMES]
+        listed = ", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else quoted[0]
+        raise ValueError(f"Input should be {listed}")
+    return value
+
+
+Variant = Annotated[str, BeforeValidator(_known_variant)]
+
+
 Placement = Literal["user_prefix", "user_suffix", "system"]
 PLACEMENTS: tuple[str, ...] = get_args(Placement)
 NAME_PATTERN = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
@@ -344,23 +356,16 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _variants_have_instructions(self) -> Recipe:
-        b = self.behaviour
         for v in self.variants:
-            if v in ("enc", "contrastive") and b.treatment is None:
-                raise ValueError(f"variant '{v}' needs behaviour.treatment")
-            if v in ("dis", "contrastive", "negation") and b.negative is None:
-                raise ValueError(f"variant '{v}' needs behaviour.negative")
+            for instruction in variant_table.BY_NAME[v].instructions:
+                if getattr(self.behaviour, instruction) is None:
+                    raise ValueError(f"variant '{v}' needs behaviour.{instruction}")
         return self
 
     def needed_conditions(self) -> list[str]:
         """Which counterfactual versions of each prompt the chosen variants need."""
-        need = {"control"}
-        for v in self.variants:
-            if v in ("enc", "contrastive"):
-                need.add("treatment")
-            if v in ("dis", "contrastive", "negation"):
-                need.add("negative")
-        return [c for c in ("control", "treatment", "negative") if c in need]
+        need = {"control"}.union(*(variant_table.BY_NAME[v].conditions for v in self.variants))
+        return [c for c in variant_table.CONDITIONS if c in need]
 
     @model_validator(mode="after")
     def _scorecard_matches_behaviour(self) -> Recipe:
