@@ -37,7 +37,7 @@ def make_run(root: Path, model: Path) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    data = tiny_recipe(model, variants=["enc", "negation"])
+    data = tiny_recipe(model, variants=["enc", "dis", "negation"])
     data["behaviour"]["system_prompt"] = SYSTEM
     recipe = parse_recipe(data)
     run = root / "run"
@@ -51,7 +51,7 @@ def make_run(root: Path, model: Path) -> Path:
                          "answer": answer.format(i=i)})
     scorer = make_scorer("lexicon", {"words": ["arr", "matey", "ahoy", "ye"]})
     for variant in recipe.variants:
-        pairs = build_pairs(rows, variant, scorer, "lower")
+        pairs = build_pairs(rows, variant, scorer, "lower") if variant != "dis" else []  # dis: as if a filter kept none
         stats = pair_stats(pairs, scorer, candidates=len(pairs) + 1)
         write_pairs(pairs, run / "pairs" / variant, {**stats, "variant": variant, "filter": False, "best_of_k": False})
     torch.manual_seed(0)
@@ -106,6 +106,7 @@ def test_hf_dataset_folder_loads_with_datasets_and_its_card_parses(run_dir, tmp_
     assert "`Answer plainly.`" in body and "`Talk like a pirate.`" in body and SYSTEM in body
     stats = json.loads((run_dir / "pairs" / "negation" / "stats.json").read_text())
     assert f"| negative prompt | control answer | negative answer | ignore an inappropriate instruction | {stats['candidates']} | {stats['count']} |" in body
+    assert "| (none) | Counterfactual DIS | control prompt | control answer | negative answer |" in body  # kept 0: no split
     assert "`lexicon` (listed words per word); **lower**" in body
     assert recipe_in(body) == yaml.safe_load((run_dir / "recipe.yaml").read_text())
 
@@ -171,7 +172,7 @@ def test_llamafactory_sharegpt_files_and_dataset_info(run_dir, tmp_path):
     assert info["cfdpo_negation"] == {
         "file_name": "negation.json", "formatting": "sharegpt", "ranking": True,
         "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "system": "system"}}
-    assert set(info) == {"cfdpo_enc", "cfdpo_negation"}
+    assert set(info) == {"cfdpo_enc", "cfdpo_negation"}  # dis kept no pairs
     rows = json.loads((out / "negation.json").read_text())
     pairs = load_pairs(run_dir / "pairs" / "negation").to_list()
     assert len(rows) == len(pairs) == 3

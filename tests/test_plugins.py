@@ -107,7 +107,7 @@ def test_unknown_scorer_lists_the_plugins(plugin):
     ("broken", "scorer plugin 'broken' (broken_scorer:Broken): cannot be imported (ImportError: needs torch-shout)"),
     ("explodes", "scorer plugin 'explodes' (shout_scorer:ExplodingScorer): cannot be constructed (RuntimeError: no licence key)"),
     ("notascorer", "scorer plugin 'notascorer' (shout_scorer:helper): is not a subclass of cfdpo.scorers.Scorer"),
-])
+], ids=["broken", "explodes", "notascorer"])
 def test_a_failing_plugin_is_one_line_naming_it(name, fragment, plugin, tiny_model, tmp_path, capsys):
     with pytest.raises(CfdpoError) as err:
         make_scorer(name)

@@ -39,8 +39,8 @@ class RunContents:
 
     dir: Path
     recipe: Recipe
-    pairs: dict[str, Any]  # variant -> datasets.Dataset, in the recipe's variant order
-    stats: dict[str, dict]  # variant -> pairs/<variant>/stats.json
+    pairs: dict[str, Any]  # variant -> datasets.Dataset, in the recipe's variant order; none for 0 pairs
+    stats: dict[str, dict]  # variant -> pairs/<variant>/stats.json, every variant with a pairs folder
     adapters: dict[str, Path]  # adapter name -> adapters/<name>/, in the report's model order
     metrics: dict | None  # metrics.json, when the run was evaluated
 
@@ -57,10 +57,12 @@ def read_run(run_dir: str | Path) -> RunContents:
     for variant in recipe.variants:
         folder = run_dir / "pairs" / variant
         if folder.is_dir():
-            pairs[variant] = load_pairs(folder)
             stats[variant] = read_json(folder / "stats.json")
+            if stats[variant].get("count") != 0:  # a variant that kept no pairs has no split
+                pairs[variant] = load_pairs(folder)
     if not pairs:
-        raise CfdpoError(f"{run_dir / 'pairs'}: no pairs to export; run `cfdpo pairs {run_dir}` first")
+        raise CfdpoError(f"{run_dir / 'pairs'}: no pairs to export; run `cfdpo pairs {run_dir}` first "
+                         "(a variant that kept none has nothing to export)")
     adapters = {name: run_dir / "adapters" / name for name in variants.TRAINED_ORDER
                 if (run_dir / "adapters" / name / "adapter_config.json").is_file()}
     metrics_path = run_dir / "metrics.json"
@@ -83,7 +85,6 @@ def export_run(
     base_model: str | None = None, license_id: str = "other",
 ) -> Path:
     """Write the export of `run_dir` to the new folder `out`; with `push_to_hub`, upload it after (hf only)."""
-    out = Path(out)
     if fmt not in FORMATS:
         raise CfdpoError(f"--format '{fmt}': expected one of: {', '.join(FORMATS)}")
     if push_to_hub is not None and fmt != "hf":
@@ -92,10 +93,12 @@ def export_run(
         raise CfdpoError(f"--push-to-hub '{push_to_hub}': expected a Hub repo id like user/name")
     if not LICENSE_RE.match(license_id):
         raise CfdpoError(f"--license '{license_id}': expected a Hub license id such as apache-2.0, mit or other")
+    out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise CfdpoError(f"{out}: already exists and is not an empty folder; choose a new --out")
     run = read_run(run_dir)
     hub_model = hub_base_model(run.recipe.model, base_model)
+    out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)  # left by a killed export
@@ -195,7 +198,7 @@ def dataset_card_body(run: RunContents) -> str:
     funnel = []
     for variant, stats in run.stats.items():
         row = variants.get(variant)
-        funnel.append([f"`{variant}`", row.label, f"{row.prompt} prompt", f"{row.chosen} answer", f"{row.rejected} answer",
+        funnel.append([f"`{variant}`" if variant in run.pairs else "(none)", row.label, f"{row.prompt} prompt", f"{row.chosen} answer", f"{row.rejected} answer",
                        row.teaches, stats.get("candidates"), stats.get("count"), _fmt(stats.get("score_chosen")),
                        _fmt(stats.get("score_rejected"))])
     head = ["split", "variant", "prompt", "chosen", "rejected", "teaches", "candidates", "kept",
@@ -221,7 +224,7 @@ which answer is chosen follows from the instruction that produced it.
 
 ## Splits: how the pairs were made
 
-One split per variant. The prompt given to DPO and the two answers come from the conditions named in the
+One split per variant that kept pairs. The prompt given to DPO and the two answers come from the conditions named in the
 row (the answers were produced under their own condition's prompt).
 
 {_md_table(head, funnel)}
