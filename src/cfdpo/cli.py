@@ -165,6 +165,40 @@ def recipe_fields(schema: bool = typer.Option(False, "--schema", help="print the
     typer.echo(json.dumps(recipe_schema(), indent=2) if schema else recipe_template(), nl=schema)
 
 
+@app.command()
+def export(
+    run_dir: Path = RunDirArg,
+    out: Path = typer.Option(..., "--out", "-o", help="folder to write; it must not exist or be empty"),
+    fmt: str = typer.Option("hf", "--format", "-f", help="hf (parquet dataset + adapters, with cards), "
+                                                         "openrlhf (JSONL) or llamafactory (sharegpt JSON + dataset_info.json)"),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="REPO_ID",
+                                              help="then upload (hf format): the pairs to the dataset repo REPO_ID, "
+                                                   "each adapter to the model repo REPO_ID-<adapter>"),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Hub id of the base model, for the model cards "
+                                                                       "and adapter configs (default: the recipe's model "
+                                                                       "when it is a Hub id)"),
+    license_id: str = typer.Option("other", "--license", help="license id in the cards' metadata (e.g. apache-2.0)"),
+):
+    """Publish a run's pairs and adapters: Hub dataset and model folders (hf), or OpenRLHF / LLaMA-Factory files."""
+    from cfdpo.export import export_run
+
+    path = export_run(run_dir, out, fmt, push_to_hub, base_model, license_id)
+    console.print(f"export ({fmt}) -> {path}" + (f"; uploaded to {push_to_hub}" if push_to_hub else ""))
+
+
+@app.command()
+def scorers():
+    """List the scorers a recipe can name: the builtin ones and those installed as plugins (entry points cfdpo.scorers)."""
+    from cfdpo.scorers import list_scorers
+
+    found = list_scorers()
+    head = ("name", "unit", "source", "description")
+    rows = [head, *((s.name, s.unit, s.source, s.description) for s in found)]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[3])
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def launch(
     ctx: typer.Context,
