@@ -202,7 +202,8 @@ def train_multi(plan: Plan, runs: dict, seed: int) -> Path:
     the lowest learning rate among the recipes (twice the pairs at the same rate as a single adapter
     moved the model too far: MCQ -6.7 points at seed 0 with pirate's 1e-3)."""
     from cfdpo.pairs import load_pairs, write_pairs
-    from cfdpo.train import set_threads, train_dpo
+    from cfdpo.runtime import set_threads
+    from cfdpo.train import train_dpo
 
     parts = {f"{n}:{v}": load_pairs(runs[n].dir / "pairs" / v).to_list() for n, v in plan.multi}
     pairs = union_pairs(parts, seed)
