@@ -368,7 +368,8 @@ class TrackingSpec(_Strict):
     tracking_uri: str | None = Field(
         default=None, min_length=1,
         description="MLflow tracking URI: a server (http://...) or a local store (MLflow 3 refuses file:// stores "
-                    "unless MLFLOW_ALLOW_FILE_STORE=true). Default: MLflow's own (MLFLOW_TRACKING_URI).")
+                    "unless MLFLOW_ALLOW_FILE_STORE=true). Default: MLflow's own (MLFLOW_TRACKING_URI; MLflow 3's "
+                    "sqlite:///mlflow.db needs the full mlflow package, not mlflow-skinny).")
 
     @field_validator("report_to")
     @classmethod
