@@ -125,7 +125,7 @@ def test_run_dir_of_another_recipe_is_refused_and_left_alone(tmp_path, capsys):
     (with_("evaluation.lm_eval", {"tasks": ["x"], "limt": 3}),
      "r.yaml: evaluation.lm_eval.limt: unknown field; did you mean 'limit'?"),
     (with_("colour", "red"), "r.yaml: colour: unknown field; expected one of: model, trust_remote_code, behaviour, "
-                             "prompts, generation, variants, pairs, dpo, evaluation"),
+                             "prompts, generation, variants, pairs, dpo, evaluation, tracking"),
     (with_("variants", []) | {"behavior": {}},
      "r.yaml: behavior: unknown field; did you mean 'behaviour'? (and 1 more problem)"),
 ])

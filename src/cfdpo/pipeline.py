@@ -16,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from cfdpo import dist
+from cfdpo import dist, tracking
 from cfdpo.errors import CfdpoError
 from cfdpo.lock import RunLock, hold
 from cfdpo.runio import check_inside, write_atomic, write_json
@@ -232,12 +232,13 @@ def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft:
         listed = ", ".join(SFT_SOURCES[:-1]) + " or " + SFT_SOURCES[-1]
         raise CfdpoError(f"the SFT baseline needs an {listed} variant (their chosen answers are its targets)")
     out = []
-    for v in todo:
-        ds = load_pairs(run.dir / "pairs" / v)
-        out.append(train_dpo(run.model_path, ds, r.dpo, run.dir / "adapters" / v, merge, r.trust_remote_code))
-    if sft:
-        ds = load_pairs(run.dir / "pairs" / src)
-        out.append(train_sft(run.model_path, ds, r.dpo, run.dir / "adapters" / "sft", merge, r.trust_remote_code))
+    with tracking.training(run.dir, r.tracking):
+        for v in todo:
+            ds = load_pairs(run.dir / "pairs" / v)
+            out.append(train_dpo(run.model_path, ds, r.dpo, run.dir / "adapters" / v, merge, r.trust_remote_code))
+        if sft:
+            ds = load_pairs(run.dir / "pairs" / src)
+            out.append(train_sft(run.model_path, ds, r.dpo, run.dir / "adapters" / "sft", merge, r.trust_remote_code))
     _done(run, "train")
     return out
 
@@ -256,6 +257,7 @@ def _evaluate(run: Run) -> dict:
     check_adapters(run.dir / "adapters")
     metrics = evaluate_run(run.dir, run.recipe, run.model_path, held_out)
     _done(run, "evaluate")
+    tracking.log_results(run.dir, run.recipe.tracking)
     return metrics
 
 

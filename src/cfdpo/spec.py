@@ -330,6 +330,55 @@ class EvalSpec(_Strict):
         return value
 
 
+# The tracking integrations whose package is not named like the integration: (module, package to install);
+# None: the integration needs no package (kubeflow reads its server from the environment).
+TRACKER_PACKAGES: dict[str, tuple[str, str] | None] = {
+    "azure_ml": ("azureml", "azureml-core"), "comet_ml": ("comet_ml", "comet-ml"), "flyte": ("flytekit", "flytekit"),
+    "mlflow": ("mlflow", "mlflow-skinny"), "kubeflow": None,
+}
+
+
+def _check_trackers(names: list[str]) -> None:
+    """Raise ValueError unless every name is a tracking integration of transformers whose package is installed."""
+    import importlib.util
+
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ValueError(f"'{name}' is not a tracking integration; expected some of: {', '.join(INTEGRATION_TO_CALLBACK)}")
+        if names.count(name) > 1:
+            raise ValueError(f"'{name}' is listed twice")
+        needs = TRACKER_PACKAGES.get(name, (name, name))
+        if needs is not None and importlib.util.find_spec(needs[0]) is None:
+            raise ValueError(f"'{name}' needs the {needs[1]} package: pip install {needs[1]}")
+
+
+class TrackingSpec(_Strict):
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Experiment trackers that get the training curves (TRL's report_to: tensorboard, mlflow, wandb, "
+                    "...); tensorboard and mlflow also get cfdpo's own figures after evaluation. Default: none.")
+    project: str | None = Field(
+        default=None, min_length=1,
+        description="Project the runs are filed under: MLflow's experiment, TRL's project (trackio). "
+                    "Default: the tracker's own.")
+    run_name: str | None = Field(default=None, min_length=1,
+                                 description="Name of the run in the trackers. Default: the run directory's name.")
+    tracking_uri: str | None = Field(
+        default=None, min_length=1,
+        description="MLflow tracking URI: a server (http://...) or a local store (MLflow 3 refuses file:// stores "
+                    "unless MLFLOW_ALLOW_FILE_STORE=true). Default: MLflow's own (MLFLOW_TRACKING_URI; MLflow 3's "
+                    "sqlite:///mlflow.db needs the full mlflow package, not mlflow-skinny).")
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, value: list[str]) -> list[str]:
+        if value:  # transformers is imported only for a recipe that asks for tracking
+            _check_trackers(value)
+        return value
+
+
 class Recipe(_Strict):
     model: str = Field(default="smollm2-135m", description="Model to align: a builtin alias (smollm2-135m, the "
                                                          "embedded default), a local checkpoint folder, a .gguf file "
@@ -346,6 +395,9 @@ class Recipe(_Strict):
     pairs: PairsSpec = Field(default_factory=PairsSpec, description="How answers become preference pairs.")
     dpo: DPOSpec = Field(default_factory=DPOSpec, description="DPO training: TRL's DPOTrainer with a PEFT LoRA adapter.")
     evaluation: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation of every model on the held-out prompts.")
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec,
+        description="Experiment tracking: where the training curves and cfdpo's figures are reported. Default: none.")
 
     @field_validator("variants")
     @classmethod
@@ -388,11 +440,13 @@ class Recipe(_Strict):
         return self
 
     def to_data(self) -> dict:
-        """The recipe as plain data, as saved and hashed (scorecard fields at their default left out)."""
+        """The recipe as plain data, as saved and hashed (scorecard fields and tracking at their default left out)."""
         data = self.model_dump(mode="json")
         for name in EvalSpec.OMITTED_AT_DEFAULT:
             if getattr(self.evaluation, name) == EvalSpec.model_fields[name].get_default(call_default_factory=True):
                 del data["evaluation"][name]
+        if self.tracking == TrackingSpec():
+            del data["tracking"]
         return data
 
     def canonical_json(self) -> str:

@@ -44,12 +44,14 @@ def lora_config(spec: DPOSpec):
 def _common_args(spec: DPOSpec, out: Path) -> dict:
     import torch
 
+    from cfdpo import tracking
+
     return dict(
         output_dir=str(out), per_device_train_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.grad_accum, num_train_epochs=spec.epochs,
         learning_rate=spec.learning_rate, lr_scheduler_type="linear",
         logging_steps=1, save_strategy="steps", save_steps=spec.save_steps, save_total_limit=2,
-        report_to=[], seed=spec.seed, data_seed=spec.seed,
+        **tracking.trainer_args(out), seed=spec.seed, data_seed=spec.seed,
         bf16=bf16_supported() if spec.bf16 is None else spec.bf16, fp16=False, gradient_checkpointing=False,
         use_cpu=not torch.cuda.is_available(),
         max_length=spec.max_length, dataloader_num_workers=0, disable_tqdm=True,
