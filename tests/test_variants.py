@@ -22,7 +22,7 @@ def mirror(monkeypatch) -> VariantSpec:
     """A made-up row: the treatment prompt, the control answer preferred to the negative one."""
     row = VariantSpec("mirror", "treatment", "control", "negative", "Mirror", "answer as if not asked")
     table = (*variants.TABLE, row)
-    by_name = {v.name: v for v in table}
+    by_name = {v.name: v for v in table if v.joins is None}
     monkeypatch.setattr(variants, "TABLE", table)
     monkeypatch.setattr(variants, "BY_NAME", by_name)
     monkeypatch.setattr(variants, "NAMES", tuple(by_name))

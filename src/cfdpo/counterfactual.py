@@ -28,16 +28,19 @@ def conversation(prompt: str, instruction: str | None, placement: str = "user_pr
     raise ValueError(f"unknown placement {placement!r}; expected one of {', '.join(PLACEMENTS)}")
 
 
-def messages(prompt: str, condition: str, behaviour: Behaviour, prompt_id: str | None = None, seed: int = 0) -> list[dict]:
+def messages(prompt: str, condition: str, behaviour: Behaviour, prompt_id: str | None = None, seed: int = 0,
+             placement: str | None = None) -> list[dict]:
     """x_c, x_t or x_n as a list of chat messages (no assistant turn).
 
     A behaviour that lists several paraphrases of an instruction gives each prompt the one
     `Behaviour.instruction_for(condition, prompt_id, seed)` draws (then `prompt_id` is required);
-    with one instruction, `prompt_id` and `seed` change nothing.
+    with one instruction, `prompt_id` and `seed` change nothing. `placement` puts the instruction
+    elsewhere than `behaviour.placement` (a retain pair's deployer context: "system").
     """
+    where = placement or behaviour.placement
     if condition == "control":
-        return conversation(prompt, None, behaviour.placement, behaviour.system_prompt)
+        return conversation(prompt, None, where, behaviour.system_prompt)
     if condition not in CONDITIONS:
         raise ValueError(f"unknown condition {condition!r}")
     instruction = behaviour.instruction_for(condition, prompt_id, seed)
-    return conversation(prompt, instruction, behaviour.placement, behaviour.system_prompt)
+    return conversation(prompt, instruction, where, behaviour.system_prompt)

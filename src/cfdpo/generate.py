@@ -39,11 +39,15 @@ def plan_rows(
     prompts: Sequence[dict], conditions: Sequence[str], behaviour: Behaviour, samples: int, model: str,
     params: GenParams, seed: int, extra: dict | None = None,
 ) -> list[dict]:
-    """Every row the stage should produce (without answers), in a deterministic order."""
+    """Every row the stage should produce (without answers), in a deterministic order.
+
+    A behaviour with several paraphrases of an instruction gives each prompt the one drawn from
+    (`seed`, the prompt's id, the condition): every sample of that prompt and condition uses it.
+    """
     rows = []
     for p in prompts:
         for cond in conditions:
-            msgs = counterfactual.messages(p["prompt"], cond, behaviour)
+            msgs = counterfactual.messages(p["prompt"], cond, behaviour, p["id"], seed)
             for s in range(samples):
                 rows.append({
                     "key": row_key(model, msgs, params, s, seed), "prompt_id": p["id"], "prompt": p["prompt"],

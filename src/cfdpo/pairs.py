@@ -1,25 +1,31 @@
 """Counterfactual preference pairs: the heart of the method.
 
 A variant (a row of the table in `cfdpo.variants`) names the condition whose messages form the
-DPO prompt, the condition whose answer is chosen and the one whose answer is rejected.
+DPO prompt, the condition whose answer is chosen and the one whose answer is rejected. A retain
+row does the same with its prompt rebuilt in the deployer's context (the instruction as the
+system prompt), from the same answers; `mix_pairs` puts its pairs among its variant's.
 
-`build_pairs` is pure (rows in, pairs out); `write_pairs` saves a `datasets` dataset in TRL's
-conversational preference format plus `stats.json`.
+`build_pairs` and `mix_pairs` are pure (rows in, pairs out); `write_pairs` saves a `datasets`
+dataset in TRL's conversational preference format plus `stats.json`.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from cfdpo import variants
+from cfdpo import counterfactual, variants
 from cfdpo.errors import CfdpoError
 from cfdpo.runio import recover_dir, replace_dir, write_json
 from cfdpo.scorers import Scorer
 from cfdpo.scorers.base import words
+from cfdpo.spec import Behaviour
+
+COLUMNS = ("prompt", "chosen", "rejected", "prompt_id", "sample", "chosen_key", "rejected_key")
 
 
 def _assistant(text: str) -> list[dict]:
@@ -28,18 +34,23 @@ def _assistant(text: str) -> list[dict]:
 
 def build_pairs(
     rows: list[dict], variant: str, scorer: Scorer | None = None, desired: str = "lower",
-    filter_pairs: bool = False, best_of_k: bool = False,
+    filter_pairs: bool = False, best_of_k: bool = False, behaviour: Behaviour | None = None,
 ) -> list[dict]:
-    """Pairs for one variant from answer rows (`prompt_id`, `condition`, `sample`, `messages`, `answer`).
+    """Pairs for one variant or retain row from answer rows (`prompt_id`, `condition`, `sample`, `messages`, `answer`).
 
     Sample i of the chosen condition is paired with sample i of the rejected condition.
     `filter_pairs` drops pairs whose chosen answer does not beat the rejected one on the scorer
-    in the desired direction; `best_of_k` pairs, per prompt, the best-scoring chosen sample with
-    the worst-scoring rejected sample (the largest scorer gap).
+    in the desired direction (for a row whose chosen answer shows the behaviour, a retain row:
+    the other direction); `best_of_k` pairs, per prompt, the best-scoring chosen sample with
+    the worst-scoring rejected sample (the largest scorer gap). A row with a placement of its own
+    rebuilds its prompt from the row's `prompt` and `seed` with `behaviour` (the same paraphrase
+    drawn as for the answers).
     """
-    variant_row = variants.get(variant)
+    variant_row = variants.get_row(variant)
     if (filter_pairs or best_of_k) and scorer is None:
         raise ValueError("filtering and best-of-k need a scorer")
+    if variant_row.placement is not None and behaviour is None:
+        raise ValueError(f"'{variant}' pairs rebuild their prompt at placement {variant_row.placement}: pass the behaviour")
     prompt_cond, chosen_cond, rejected_cond = variant_row.prompt, variant_row.chosen, variant_row.rejected
     by_prompt: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     order: list[str] = []
@@ -48,6 +59,8 @@ def build_pairs(
             order.append(r["prompt_id"])
         by_prompt[r["prompt_id"]][r["condition"]][r["sample"]] = r
     sign = -1.0 if desired == "lower" else 1.0  # larger signed score = more desired
+    if variant_row.prefers_behaviour:
+        sign = -sign  # larger signed score = more of the behaviour
     value = (lambda r: sign * scorer.score_one(r["answer"])) if scorer else None
     pairs: list[dict] = []
     for pid in order:
@@ -66,12 +79,26 @@ def build_pairs(
                 continue  # identical answers carry no preference
             if filter_pairs and not value(ch) > value(rj):
                 continue
+            asked = conds[prompt_cond][s]
+            if variant_row.placement is None:
+                prompt = asked["messages"]
+            else:
+                prompt = counterfactual.messages(asked["prompt"], prompt_cond, behaviour, pid, asked.get("seed", 0),
+                                                 variant_row.placement)
             pairs.append({
-                "prompt": conds[prompt_cond][s]["messages"], "chosen": _assistant(ch["answer"]),
+                "prompt": prompt, "chosen": _assistant(ch["answer"]),
                 "rejected": _assistant(rj["answer"]), "prompt_id": pid, "sample": s,
                 "chosen_key": ch["key"], "rejected_key": rj["key"],
             })
     return pairs
+
+
+def mix_pairs(parts: dict[str, list[dict]], seed: int) -> list[dict]:
+    """One list of the pairs of several table rows (name -> pairs), each tagged with its `kind` (the
+    row's name), in an order shuffled by `seed` (the same on every run)."""
+    mixed = [{**pair, "kind": kind} for kind, pairs in parts.items() for pair in pairs]
+    random.Random(seed).shuffle(mixed)
+    return mixed
 
 
 def pair_stats(pairs: list[dict], scorer: Scorer | None = None, candidates: int | None = None) -> dict:
@@ -103,7 +130,7 @@ def write_pairs(pairs: list[dict], out_dir: str | Path, stats: dict) -> Path:
         return out  # a rerun: leave the dataset (and the trainer's cache beside it) alone
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        columns = ["prompt", "chosen", "rejected", "prompt_id", "sample", "chosen_key", "rejected_key"]
+        columns = _columns(pairs)
         ds = Dataset.from_dict({c: [p[c] for p in pairs] for c in columns}) if pairs else Dataset.from_dict(
             {c: [] for c in columns}
         )
@@ -115,13 +142,18 @@ def write_pairs(pairs: list[dict], out_dir: str | Path, stats: dict) -> Path:
     return out
 
 
+def _columns(pairs: list[dict]) -> list[str]:
+    """The dataset's columns: `kind` too when the pairs are mixed (`mix_pairs`)."""
+    return [*COLUMNS, "kind"] if pairs and "kind" in pairs[0] else list(COLUMNS)
+
+
 def _same_pairs(out: Path, pairs: list[dict], stats: dict) -> bool:
     recover_dir(out)
     try:
         if json.loads((out / "stats.json").read_text(encoding="utf-8")) != json.loads(json.dumps(stats)):
             return False
         ds = load_pairs(out)
-        cols = ["prompt_id", "sample", "chosen_key", "rejected_key"]
+        cols = [c for c in _columns(pairs) if c not in ("prompt", "chosen", "rejected")]
         return ds.select_columns(cols).to_list() == [{c: p[c] for c in cols} for p in pairs]
     except (OSError, ValueError, CfdpoError):
         return False

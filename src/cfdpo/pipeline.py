@@ -3,7 +3,7 @@
     run_dir/
       recipe.yaml            the recipe the run was made with
       answers.jsonl          generation: one row per answer
-      pairs/<variant>/       datasets dataset (prompt/chosen/rejected) + stats.json
+      pairs/<variant>/       datasets dataset (prompt/chosen/rejected; + kind with pairs.retain) + stats.json
       adapters/<variant>/    PEFT LoRA adapter + train_log.json (+ merged/ with --merge)
       eval/answers.jsonl     evaluation answers of every model
       metrics.json           evaluation results
@@ -183,10 +183,10 @@ def build_pairs(run: Run) -> dict[str, dict]:
 
 def _build_pairs(run: Run) -> dict[str, dict]:
     from cfdpo.generate import answers_path
-    from cfdpo.pairs import build_pairs as build
-    from cfdpo.pairs import pair_stats, write_pairs
+    from cfdpo.pairs import mix_pairs, pair_stats, write_pairs
     from cfdpo.runio import JsonlLog
     from cfdpo.scorers import make_scorer
+    from cfdpo.variants import retain_rows
 
     r = run.recipe
     ap = answers_path(run.dir)
@@ -198,14 +198,31 @@ def _build_pairs(run: Run) -> dict[str, dict]:
     scorer = make_scorer(r.behaviour.scorer.name, r.behaviour.scorer.params)
     out = {}
     for v in r.variants:
-        plain = build(rows, v)
-        pairs = build(rows, v, scorer, r.behaviour.scorer.desired, r.pairs.filter, r.pairs.best_of_k)
-        stats = pair_stats(pairs, scorer, candidates=len(plain))
+        pairs, stats = _pairs_of(rows, v, r, scorer)
+        joining = retain_rows(v) if r.pairs.retain else ()
+        if joining:  # scope-aware: the retain pairs mixed in, tagged by kind, counted per kind
+            parts, kinds = {v: pairs}, {v: stats}
+            for row in joining:
+                parts[row.name], kinds[row.name] = _pairs_of(rows, row.name, r, scorer)
+            pairs = mix_pairs(parts, r.generation.seed)
+            stats = pair_stats(pairs, scorer, candidates=sum(k["candidates"] for k in kinds.values()))
+            stats["kinds"] = kinds
         stats.update(filter=r.pairs.filter, best_of_k=r.pairs.best_of_k, variant=v)
         write_pairs(pairs, run.dir / "pairs" / v, stats)
         out[v] = stats
     _done(run, "pairs")
     return out
+
+
+def _pairs_of(rows: list[dict], name: str, recipe: Recipe, scorer) -> tuple[list[dict], dict]:
+    """The pairs of one table row (a variant or a retain row) as the recipe asks, and their stats."""
+    from cfdpo.pairs import build_pairs as build
+    from cfdpo.pairs import pair_stats
+
+    b, p = recipe.behaviour, recipe.pairs
+    plain = build(rows, name, behaviour=b)
+    pairs = build(rows, name, scorer, b.scorer.desired, p.filter, p.best_of_k, behaviour=b)
+    return pairs, pair_stats(pairs, scorer, candidates=len(plain))
 
 
 def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft: bool = False) -> list[Path]:

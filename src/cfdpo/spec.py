@@ -196,6 +196,16 @@ class PairsSpec(_Strict):
         default=False,
         description="Per prompt, pair the best chosen sample with the worst rejected one (needs generation.samples > 1). "
                     "Default: sample i of the chosen answers pairs with sample i of the rejected ones.")
+    retain: bool = Field(
+        default=False,
+        description="Scope-aware negation: add retain pairs to the negation pairs, where the deployer's system "
+                    "prompt gives behaviour.negative (there the behaviour is legitimate): chosen = the negative "
+                    "answer, rejected = the control answer, from the same answers (no extra generation). Needs the "
+                    "negation variant and behaviour.placement user_prefix or user_suffix. Default: off.")
+
+    # Left out of the saved and hashed recipe while at its default, so recipes written before it
+    # existed keep their digest, manifest hash and recipe.yaml.
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("retain",)
 
 
 class DPOSpec(_Strict):
@@ -414,6 +424,20 @@ class Recipe(_Strict):
                     raise ValueError(f"variant '{v}' needs behaviour.{instruction}")
         return self
 
+    @model_validator(mode="after")
+    def _retain_has_a_negation(self) -> Recipe:
+        if not self.pairs.retain:
+            return self
+        if self.behaviour.negative is None:
+            raise ValueError("pairs.retain needs behaviour.negative (the instruction the deployer's system prompt gives)")
+        joined = sorted({row.joins for row in variant_table.RETAIN})
+        if not set(joined) & set(self.variants):
+            raise ValueError(f"pairs.retain needs the {' or '.join(joined)} variant in variants (retain pairs join its pairs)")
+        if self.behaviour.placement == "system":
+            raise ValueError("pairs.retain needs behaviour.placement user_prefix or user_suffix (retain pairs give the "
+                             "instruction as the deployer's system prompt, where negation pairs must not)")
+        return self
+
     def needed_conditions(self) -> list[str]:
         """Which counterfactual versions of each prompt the chosen variants need."""
         need = {"control"}.union(*(variant_table.BY_NAME[v].conditions for v in self.variants))
@@ -440,11 +464,12 @@ class Recipe(_Strict):
         return self
 
     def to_data(self) -> dict:
-        """The recipe as plain data, as saved and hashed (scorecard fields and tracking at their default left out)."""
+        """The recipe as plain data, as saved and hashed (fields newer than the format left out at their default)."""
         data = self.model_dump(mode="json")
-        for name in EvalSpec.OMITTED_AT_DEFAULT:
-            if getattr(self.evaluation, name) == EvalSpec.model_fields[name].get_default(call_default_factory=True):
-                del data["evaluation"][name]
+        for section, spec in (("evaluation", EvalSpec), ("pairs", PairsSpec)):
+            for name in spec.OMITTED_AT_DEFAULT:
+                if getattr(getattr(self, section), name) == spec.model_fields[name].get_default(call_default_factory=True):
+                    del data[section][name]
         if self.tracking == TrackingSpec():
             del data["tracking"]
         return data

@@ -6,9 +6,15 @@
 | dis         | control  x_c        | control   y_c     | negative  y_n     | move away from the undesired thing |
 | contrastive | control  x_c        | treatment y_t     | negative  y_n     | both at once                       |
 | negation    | negative x_n        | control   y_c     | negative  y_n     | ignore an inappropriate instruction |
+| retain      | negative x_n@system | negative  y_n     | control   y_c     | follow it from the deployer        |
 
 A *condition* is one counterfactual version of a prompt (control, treatment, negative); a
-*variant* is one row of this table.
+*variant* is one row of this table that trains an adapter of its own. A *retain* row (`joins` set)
+trains none: its pairs join the pairs of the variant it names when the recipe asks for them
+(`pairs.retain: true`), so negation + retain is scope-aware negation: ignore the instruction in the
+user turn, follow it from the deployer. Its prompt is the prompt condition's instruction given as
+the deployer's system prompt (`placement: system`) instead of where the answers were generated;
+chosen and rejected are the same counterfactual answers, so it needs no generation of its own.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ class VariantSpec:
     rejected: str  # condition whose answer is dispreferred
     label: str  # the paper's name, for reports
     teaches: str
+    placement: str | None = None  # None: the prompt condition's own messages; else its instruction at this placement
+    joins: str | None = None  # a retain row: the variant whose pairs its pairs join (no adapter of its own)
 
     @property
     def conditions(self) -> tuple[str, ...]:
@@ -38,6 +46,11 @@ class VariantSpec:
         """The behaviour instructions (treatment, negative) this variant needs."""
         return tuple(c for c in self.conditions if c != "control")
 
+    @property
+    def prefers_behaviour(self) -> bool:
+        """Whether the chosen answer is the one that shows the behaviour (the negative condition's)."""
+        return self.chosen == "negative"
+
 
 TABLE: tuple[VariantSpec, ...] = (
     VariantSpec("enc", "control", "treatment", "control", "Counterfactual ENC", "do the desired thing unasked"),
@@ -45,8 +58,11 @@ TABLE: tuple[VariantSpec, ...] = (
     VariantSpec("contrastive", "control", "treatment", "negative", "Contrastive", "both at once"),
     VariantSpec("negation", "negative", "control", "negative", "Instruction Negation",
                 "ignore an inappropriate instruction"),
+    VariantSpec("retain", "negative", "negative", "control", "Retain (deployer)", "follow the instruction from the deployer",
+                placement="system", joins="negation"),
 )
-BY_NAME: dict[str, VariantSpec] = {v.name: v for v in TABLE}
+RETAIN: tuple[VariantSpec, ...] = tuple(v for v in TABLE if v.joins is not None)
+BY_NAME: dict[str, VariantSpec] = {v.name: v for v in TABLE if v.joins is None}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
 
 # Adapters besides the variants: `sft` (the supervised baseline on the chosen answers) and `multi`
@@ -65,3 +81,13 @@ def get(name: str) -> VariantSpec:
     if name not in BY_NAME:
         raise CfdpoError(f"unknown variant '{name}'; expected one of: {', '.join(NAMES)}")
     return BY_NAME[name]
+
+
+def get_row(name: str) -> VariantSpec:
+    """A row of the table by name: a variant, or a retain row."""
+    return next((v for v in RETAIN if v.name == name), None) or get(name)
+
+
+def retain_rows(variant: str) -> tuple[VariantSpec, ...]:
+    """The retain rows whose pairs join `variant`'s pairs."""
+    return tuple(v for v in RETAIN if v.joins == variant)
