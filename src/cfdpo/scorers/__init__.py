@@ -13,6 +13,7 @@ from typing import Any
 
 from cfdpo.errors import CfdpoError
 from cfdpo.scorers.base import Scorer
+from cfdpo.scorers.judge import JudgeScorer
 from cfdpo.scorers.language import LanguageScorer
 from cfdpo.scorers.length import LengthScorer
 from cfdpo.scorers.lexicon import LexiconScorer
@@ -25,6 +26,7 @@ REGISTRY: dict[str, type[Scorer]] = {
     "length": LengthScorer,
     "person_names": PersonNamesScorer,
     "language": LanguageScorer,
+    "judge": JudgeScorer,
 }
 
 
