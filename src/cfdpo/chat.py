@@ -97,14 +97,19 @@ class RunModel:
         return ids["input_ids"] if isinstance(ids, dict) else list(ids)
 
     def answer(self, messages: list[dict], name: str, params: GenParams, seed: int = 0) -> Reply:
-        got: dict = {}
+        return self.answers([messages], name, params, seed)[0]
 
-        def keep(_indices, answers, counts):
-            got.update(text=answers[0][0], tokens=counts[0][0])
+    def answers(self, conversations: list[list[dict]], name: str, params: GenParams, seed: int = 0,
+                batch_size: int = 1) -> list[Reply]:
+        """One answer per conversation, `batch_size` conversations at a time."""
+        got: dict[int, tuple[str, int]] = {}
+
+        def keep(indices, answers, counts):
+            got.update((i, (texts[0], tokens[0])) for i, texts, tokens in zip(indices, answers, counts))
 
         with self.using(name) as model:
-            generate_answers(model, self.tokenizer, [messages], params, [1], 1, seed, keep)
-        return Reply(got["text"], len(self.prompt_ids(messages)), got["tokens"])
+            generate_answers(model, self.tokenizer, conversations, params, [1] * len(conversations), batch_size, seed, keep)
+        return [Reply(got[i][0], len(self.prompt_ids(c)), got[i][1]) for i, c in enumerate(conversations)]
 
 
 def load_run_model(run_dir: str | Path, trust_remote_code: bool = False) -> RunModel:

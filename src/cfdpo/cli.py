@@ -218,12 +218,14 @@ def chat(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="answer this one prompt and exit"),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="answer length cap (default: the recipe's evaluation.max_new_tokens)"),
     temperature: float = typer.Option(0.0, min=0.0, help="0 answers greedily"),
-    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="nucleus sampling mass when temperature > 0"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling mass when temperature > 0, in (0, 1]"),
     trust_remote_code: bool = TrustOpt,
 ):
     """Talk to a run's aligned model: one line is one prompt (a new conversation); /quit or end of input stops."""
     from cfdpo.chat import BASE, GenParams, chat_loop, load_run_model, pick_adapter, read_run, show
 
+    if not 0.0 < top_p <= 1.0:
+        raise CfdpoError(f"--top-p: expected a number in (0, 1], got {top_p}")
     recipe, adapters = read_run(run_dir)
     name = pick_adapter(list(adapters), adapter)
     if compare and name == BASE:

@@ -13,6 +13,7 @@ generation. Details: docs/SERVE.md.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import socket
 import threading
@@ -175,6 +176,9 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(run_dir: str | Path, host: str, port: int, trust_remote_code: bool, console) -> None:
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CfdpoError(f"cfdpo serve needs {' and '.join(missing)}: pip install 'cfdpo[serve]'")
     import uvicorn
 
     check_port(host, port)

@@ -22,6 +22,7 @@ scorer loads nothing and sends nothing.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -179,6 +180,8 @@ class JudgeScorer(Scorer):
             raise ValueError(f"'labels' must differ (ignoring case), got {list(labels)}")
         if label_of(str(positive), list(labels)) is None:
             raise ValueError(f"'positive' must be one of the labels {list(labels)}, got {positive!r}")
+        if backend == "openai" and importlib.util.find_spec("openai") is None:
+            raise ValueError("the openai backend needs the openai package: pip install 'cfdpo[serve]'")
         if base_url is not None and backend != "openai":
             raise ValueError("'base_url' is for the openai backend only")
         if int(batch_size) < 1 or int(concurrency) < 1:
