@@ -73,8 +73,8 @@ def client(url: str):
     return openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
 
 
-def ask(url: str, model: str, **extra):
-    return client(url).chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}], **extra)
+def ask(url: str, model: str, prompt: str = PROMPT, **extra):
+    return client(url).chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], **extra)
 
 
 def test_models_lists_base_and_every_adapter(served):
@@ -108,8 +108,9 @@ def test_greedy_answers_equal_cfdpo_chat_prompt(served, capsys):
 
 def test_logprobs_are_the_answer_tokens_with_their_top_alternatives(served):
     url, _, _ = served
-    choice = ask(url, "enc", max_tokens=5, temperature=0, logprobs=True, top_logprobs=3).choices[0]
+    choice = ask(url, "enc", "hello", max_tokens=6, temperature=0, logprobs=True, top_logprobs=3).choices[0]
     tokens = choice.logprobs.content
+    assert len({t.token for t in tokens}) >= 3  # an answer whose tokens differ, so positions are told apart
     assert "".join(t.token for t in tokens) == choice.message.content
     for t in tokens:
         assert len(t.top_logprobs) == 3
