@@ -54,9 +54,8 @@ def tiny_run(tiny_model, tmp_path_factory) -> Path:
 
 def single_model_answer(run: Path, adapter: str | None, prompt: str, max_new_tokens: int) -> str:
     """The greedy answer of the base model alone, or with only `adapter` loaded on it."""
-    from cfdpo.chat import read_run
+    from cfdpo.chat import GenParams, generate_answers, read_run  # the decode loop, from its one import site
     from cfdpo.counterfactual import messages
-    from cfdpo.generate import GenParams, generate_answers
     from cfdpo.models import load_model, load_tokenizer
 
     recipe, adapters = read_run(run)
