@@ -260,6 +260,51 @@ def benchmark(
     console.print(f"[green]results:[/green] {docs / 'RESULTS.md'}")
 
 
+@app.command()
+def chat(
+    run_dir: Path = typer.Argument(..., help="run directory with trained adapters"),
+    adapter: Optional[str] = typer.Option(None, help="adapter to talk to, or base (default: the first trained one)"),
+    compare: bool = typer.Option(False, "--compare", help="show the base model's answer beside the adapter's"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="answer this one prompt and exit"),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="answer length cap (default: the recipe's evaluation.max_new_tokens)"),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 answers greedily"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling mass when temperature > 0, in (0, 1]"),
+    trust_remote_code: bool = TrustOpt,
+):
+    """Talk to a run's aligned model: one line is one prompt (a new conversation); /quit or end of input stops."""
+    from cfdpo.chat import BASE, GenParams, chat_loop, load_run_model, pick_adapter, read_run, show
+
+    if not 0.0 < top_p <= 1.0:
+        raise CfdpoError(f"--top-p: expected a number in (0, 1], got {top_p}")
+    recipe, adapters = read_run(run_dir)
+    name = pick_adapter(list(adapters), adapter)
+    if compare and name == BASE:
+        raise CfdpoError("--compare: shows an adapter beside the base model; choose an adapter with --adapter")
+    params = GenParams(max_new_tokens or recipe.evaluation.max_new_tokens, temperature, top_p)
+    run_model = load_run_model(run_dir, trust_remote_code)
+    out = Console(highlight=False)
+    if prompt is not None:
+        show(run_model, name, compare, params, prompt, out)
+        return
+    ask = (lambda: console.print(f"[bold]{name}>[/bold] ", end="")) if sys.stdin.isatty() else None
+    if ask:
+        console.print(f"talking to {name}{' and ' + BASE if compare else ''}; {'/quit'} or Ctrl-D ends")
+    chat_loop(run_model, name, compare, params, sys.stdin, out, ask)
+
+
+@app.command()
+def serve(
+    run_dir: Path = typer.Argument(..., help="run directory with trained adapters"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (anything but localhost exposes the model, with no authentication)"),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port"),
+    trust_remote_code: bool = TrustOpt,
+):
+    """Serve the base model and every adapter behind an OpenAI-compatible API (/v1/models, /v1/chat/completions)."""
+    from cfdpo.serve import serve as run_server
+
+    run_server(run_dir, host, port, trust_remote_code, console)
+
+
 def _error(message: str) -> None:
     """Print an error as one line; its text is never read as rich markup (it may hold [brackets])."""
     from rich.markup import escape

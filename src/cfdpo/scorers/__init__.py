@@ -17,6 +17,7 @@ from typing import Any
 
 from cfdpo.errors import CfdpoError
 from cfdpo.scorers.base import Scorer
+from cfdpo.scorers.judge import JudgeScorer
 from cfdpo.scorers.language import LanguageScorer
 from cfdpo.scorers.length import LengthScorer
 from cfdpo.scorers.lexicon import LexiconScorer
@@ -29,6 +30,7 @@ REGISTRY: dict[str, type[Scorer]] = {
     "length": LengthScorer,
     "person_names": PersonNamesScorer,
     "language": LanguageScorer,
+    "judge": JudgeScorer,
 }
 PLUGIN_GROUP = "cfdpo.scorers"
 
