@@ -21,7 +21,7 @@ PAIR_TOKENS = 96  # answer length of the bench pairs: prompt + answer is about 1
 
 
 def pirate_recipe():
-    from cfdpo.spec import load_recipe
+    from cfdpo.recipe import load_recipe
 
     return load_recipe(ROOT / "recipes" / "pirate.yaml")
 

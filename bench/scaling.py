@@ -35,7 +35,7 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
 
 def run_once(n: int, variants: list[str] | None, with_eval: bool, root: Path) -> dict:
     from cfdpo import pipeline
-    from cfdpo.spec import dump_recipe
+    from cfdpo.recipe import dump_recipe
 
     r = common.pirate_recipe()
     upd = {"prompts": r.prompts.model_copy(update={"train_size": n})}

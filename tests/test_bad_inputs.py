@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from cfdpo.cli import main
 from cfdpo.errors import CfdpoError
-from cfdpo.spec import load_recipe, parse_recipe
+from cfdpo.recipe import load_recipe, parse_recipe
 
 
 @dataclass

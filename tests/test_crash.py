@@ -51,7 +51,7 @@ def planned_keys(recipe: Path, out: Path) -> set[str]:
     from cfdpo.generate import GenParams, plan_rows
     from cfdpo.models import model_id
     from cfdpo.pipeline import Run
-    from cfdpo.spec import load_recipe
+    from cfdpo.recipe import load_recipe
 
     r = load_recipe(recipe)
     run = Run(out, r)

@@ -123,8 +123,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_paper_recipes_resolve(name):
     from cfdpo.models import resolve_model
     from cfdpo.prompts import load_prompts, split
+    from cfdpo.recipe import load_recipe
     from cfdpo.scorers import make_scorer
-    from cfdpo.spec import load_recipe
 
     r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
     assert resolve_model(r.model) == "mistralai/Mistral-7B-Instruct-v0.2"

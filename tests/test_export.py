@@ -21,9 +21,9 @@ from conftest import tiny_recipe
 from cfdpo.cli import main
 from cfdpo.export import sharegpt_pair
 from cfdpo.pairs import build_pairs, load_pairs, pair_stats, write_pairs
+from cfdpo.recipe import dump_recipe, parse_recipe
 from cfdpo.runio import write_json
 from cfdpo.scorers import make_scorer
-from cfdpo.spec import dump_recipe, parse_recipe
 
 SYSTEM = "You are a terse assistant."
 PROMPTS = ["Name a colour.", "Say hello.", "Count to three."]

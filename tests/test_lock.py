@@ -17,7 +17,7 @@ from conftest import tiny_recipe, write_recipe
 from cfdpo import lock, pipeline
 from cfdpo.errors import CfdpoError
 from cfdpo.pipeline import open_run
-from cfdpo.spec import dump_recipe, load_recipe
+from cfdpo.recipe import dump_recipe, load_recipe
 
 HOLDER = """
 import sys, time

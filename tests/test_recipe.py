@@ -8,7 +8,7 @@ import pytest
 
 from cfdpo.cli import main
 from cfdpo.errors import CfdpoError
-from cfdpo.spec import load_recipe, parse_recipe
+from cfdpo.recipe import load_recipe, parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {

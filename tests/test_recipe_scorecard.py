@@ -12,7 +12,8 @@ from conftest import tiny_recipe
 
 from cfdpo.cli import main
 from cfdpo.errors import CfdpoError
-from cfdpo.spec import EvalSpec, dump_recipe, load_recipe, parse_recipe
+from cfdpo.recipe import dump_recipe, load_recipe, parse_recipe
+from cfdpo.spec import EvalSpec
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {

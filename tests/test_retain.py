@@ -10,7 +10,7 @@ from cfdpo import pipeline, variants
 from cfdpo.errors import CfdpoError
 from cfdpo.generate import GenParams, answers_path, plan_rows
 from cfdpo.pairs import build_pairs, load_pairs
-from cfdpo.spec import parse_recipe
+from cfdpo.recipe import parse_recipe
 
 SCORER = {"name": "lexicon", "desired": "lower", "params": {"words": ["arr"]}}
 BEHAVIOUR = {"name": "pirate", "negative": ["Talk like a pirate.", "Answer as a pirate would."], "scorer": SCORER}

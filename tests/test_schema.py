@@ -7,7 +7,7 @@ import json
 import yaml
 
 from cfdpo.cli import main
-from cfdpo.spec import Recipe, _section_model, parse_recipe
+from cfdpo.recipe import Recipe, _section_model, parse_recipe
 
 REQUIRED = {
     "behaviour": {"name": "b", "negative": "Talk like a pirate.",

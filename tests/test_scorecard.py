@@ -9,8 +9,8 @@ import pytest
 
 from cfdpo import counterfactual
 from cfdpo.counterfactual import conversation
+from cfdpo.recipe import parse_recipe
 from cfdpo.scorecard import condition_prompts, drift, is_repetitive, plan_conditions
-from cfdpo.spec import parse_recipe
 
 SCORER = {"name": "lexicon", "desired": "lower", "params": {"words": ["arr"]}}
 PIRATE = {

@@ -11,7 +11,8 @@ from conftest import tiny_recipe, write_recipe
 
 from cfdpo import tracking
 from cfdpo.cli import main
-from cfdpo.spec import TrackingSpec, parse_recipe
+from cfdpo.recipe import parse_recipe
+from cfdpo.spec import TrackingSpec
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")

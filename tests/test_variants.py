@@ -8,8 +8,8 @@ from cfdpo import variants
 from cfdpo.errors import CfdpoError
 from cfdpo.evaluate import find_adapters
 from cfdpo.pairs import build_pairs
+from cfdpo.recipe import parse_recipe
 from cfdpo.report import model_note
-from cfdpo.spec import parse_recipe
 from cfdpo.variants import VariantSpec
 
 BEHAVIOUR = {"name": "b", "treatment": "Be plain.", "negative": "Talk like a pirate.",

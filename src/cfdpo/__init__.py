@@ -3,6 +3,6 @@
 __version__ = "0.1.0"
 
 from cfdpo.errors import CfdpoError
-from cfdpo.spec import Recipe, load_recipe
+from cfdpo.recipe import Recipe, load_recipe
 
 __all__ = ["CfdpoError", "Recipe", "load_recipe", "__version__"]

@@ -22,8 +22,8 @@ from cfdpo import counterfactual
 from cfdpo.backends.transformers import generate_answers  # the decode loop; one import site
 from cfdpo.errors import CfdpoError
 from cfdpo.generate import GenParams
+from cfdpo.recipe import Recipe
 from cfdpo.runtime import resolve_dtype
-from cfdpo.spec import Recipe
 
 BASE = "base"
 QUIT = "/quit"
@@ -40,7 +40,7 @@ def read_run(run_dir: str | Path) -> tuple[Recipe, dict[str, Path]]:
     """The run's recipe and its trained adapters (in `variants.TRAINED_ORDER`), without loading a model."""
     from cfdpo.evaluate import find_adapters
     from cfdpo.pipeline import check_adapters
-    from cfdpo.spec import load_recipe
+    from cfdpo.recipe import load_recipe
 
     d = Path(run_dir)
     if not (d / "recipe.yaml").is_file():

@@ -160,7 +160,7 @@ def recipe_fields(schema: bool = typer.Option(False, "--schema", help="print the
     """Print every recipe field with its default and what it does, as a commented YAML template."""
     import json
 
-    from cfdpo.spec import recipe_schema, recipe_template
+    from cfdpo.recipe import recipe_schema, recipe_template
 
     typer.echo(json.dumps(recipe_schema(), indent=2) if schema else recipe_template(), nl=schema)
 

@@ -31,11 +31,12 @@ from cfdpo.backends.transformers import TransformersGenerator
 from cfdpo.errors import CfdpoError
 from cfdpo.generate import GenParams, plan_rows, run_generation
 from cfdpo.likelihood import load_mcq, mcq_accuracy, mean_nll
+from cfdpo.recipe import Recipe
 from cfdpo.runio import JsonlLog, read_json, write_json
 from cfdpo.runtime import resolve_dtype
 from cfdpo.scorers import make_scorer
 from cfdpo.scorers.base import words
-from cfdpo.spec import Behaviour, LmEvalSpec, Recipe
+from cfdpo.spec import Behaviour, LmEvalSpec
 
 
 def prompted_messages(prompt: str, condition: str, b: Behaviour) -> list[dict]:

@@ -23,8 +23,8 @@ from typing import Any
 from cfdpo import variants
 from cfdpo.errors import CfdpoError
 from cfdpo.models import BUILTIN, HUB_ID_RE
+from cfdpo.recipe import Recipe, dump_recipe, load_recipe
 from cfdpo.runio import read_json, write_json
-from cfdpo.spec import Recipe, dump_recipe, load_recipe
 
 FORMATS = ("hf", "openrlhf", "llamafactory")
 DATASET_TAGS = ["dpo", "counterfactual-dpo", "preference", "synthetic", "cfdpo"]

@@ -22,8 +22,8 @@ from importlib import metadata, resources
 from pathlib import Path
 
 from cfdpo.errors import CfdpoError
+from cfdpo.recipe import Recipe
 from cfdpo.runio import file_sha256, read_json, write_json
-from cfdpo.spec import Recipe
 
 PACKAGES = ("cfdpo", "torch", "transformers", "trl", "peft", "datasets", "accelerate")
 NAME = "manifest.json"

@@ -19,8 +19,8 @@ from pathlib import Path
 from cfdpo import dist, tracking
 from cfdpo.errors import CfdpoError
 from cfdpo.lock import RunLock, hold
+from cfdpo.recipe import Recipe, dump_recipe, load_recipe
 from cfdpo.runio import check_inside, write_atomic, write_json
-from cfdpo.spec import Recipe, dump_recipe, load_recipe
 
 
 class Run:

@@ -233,7 +233,7 @@ def write_report(run_dir: str | Path, n_samples: int | None = None) -> Path:
     metrics = check_metrics(read_json(run / "metrics.json"), run / "metrics.json")
     if n_samples is None:
         try:
-            from cfdpo.spec import load_recipe
+            from cfdpo.recipe import load_recipe
 
             n_samples = load_recipe(run / "recipe.yaml").evaluation.samples
         except Exception:  # noqa: BLE001 - the report still works without the recipe

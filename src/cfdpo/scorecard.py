@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 from cfdpo.counterfactual import conversation
 from cfdpo.prompts import load_prompts
+from cfdpo.recipe import Recipe
 from cfdpo.scorers.base import words
-from cfdpo.spec import PLACEMENTS, Recipe, draw_paraphrase
+from cfdpo.spec import PLACEMENTS, draw_paraphrase
 
 KINDS = ("control", "treatment", "negative", "paraphrase", "placement", "in_scope")
 INSTRUCTION_CONDITIONS = ("treatment", "negative")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cfdpo.benchmark.targets import Targets, load_targets
 from cfdpo.errors import CfdpoError
-from cfdpo.spec import Recipe, load_recipe
+from cfdpo.recipe import Recipe, load_recipe
 
 REPO_TARGETS = Path("bench") / "targets.yaml"  # the cfdpo repository's rules, used when run from its root
 

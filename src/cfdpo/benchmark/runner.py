@@ -29,8 +29,8 @@ from cfdpo.benchmark.aggregate import PAIR_CONFIGS, UNTRAINED
 from cfdpo.benchmark.plan import Plan, derive
 from cfdpo.benchmark.tables import write_results
 from cfdpo.errors import CfdpoError
+from cfdpo.recipe import load_recipe
 from cfdpo.runio import JsonlLog, read_json, write_atomic, write_json
-from cfdpo.spec import load_recipe
 from cfdpo.variants import SFT_SOURCES
 
 
