@@ -98,6 +98,11 @@ def _open_run(run_dir: str | Path, recipe_path: str | Path | None, trust_remote_
             "recipe asks for trust_remote_code: true, which runs Python code shipped with the model; "
             "pass --trust-remote-code to allow it"
         )
+    if recipe.evaluation.lm_eval and recipe.evaluation.lm_eval.include_path and trust_remote_code is False:
+        raise CfdpoError(
+            "recipe sets evaluation.lm_eval.include_path, whose task files can run Python code (!function); "
+            "pass --trust-remote-code to allow it"
+        )
     check_inside(d)
     run = Run(d, recipe.model_copy(update={"trust_remote_code": bool(trust_remote_code)}))
     run.split()  # the prompt file and the split sizes are valid
