@@ -4,9 +4,11 @@ The kill test runs the real CLI in a subprocess on the tiny model and kills it a
 some kills at a random moment of the start-up, most 0-2 s after the process was seen
 writing something (an answer row, a pairs dataset, a checkpoint every training
 step, evaluation rows, the report), so the kills land inside the writes and every attempt
-makes progress. It checks the run directory after every kill, then lets a rerun finish and checks the end
-state: the planned answer keys all there exactly once, every line whole JSON, pairs loadable and
-built from the final answers, adapters trained on those pairs, no checkpoint directories left.
+makes progress. Once a stage of a directory has had `STAGE_QUOTA` kills, an attempt waits for the
+next stage's first write, so the kills reach evaluation too. It checks the run directory after
+every kill, then lets a rerun finish and checks the end state: the planned answer keys all there
+exactly once, every line whole JSON, pairs loadable and built from the final answers, adapters
+trained on those pairs, no checkpoint directories left.
 Each finished directory is then compared with the same recipe run once without a kill: the same
 answer texts under the same keys, the same pairs, the same evaluation answers, and adapters within
 `ADAPTER_TOLERANCE` (resumed training restores the optimizer, scheduler, RNG and data order from
@@ -25,12 +27,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from conftest import tiny_recipe, write_recipe
 
 KILLS = 20
+STAGE_QUOTA = KILLS // 4  # kills per stage of one directory; then an attempt waits for the next stage
 MAX_ATTEMPTS = 3 * KILLS  # a run that finishes between kills is an attempt without a kill
 ADAPTER_TOLERANCE = 1e-5  # max abs difference of a resumed adapter's weights from an uninterrupted one's
 
@@ -178,7 +182,7 @@ def test_sigkill_at_random_points_then_resume(tiny_model, tmp_path):
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err.decode(errors="replace")
     attempt_budget = max(120.0, 3 * (time.monotonic() - start))  # to make progress: start-up and a stage's first write
-    kills: list[str] = []
+    kills: list[tuple[int, str]] = []  # (directory, stage) of each kill
     cycle, finished_cycles = 0, 0
     out = tmp_path / f"run{cycle}"
     keys = planned_keys(recipe, out)
@@ -192,8 +196,9 @@ def test_sigkill_at_random_points_then_resume(tiny_model, tmp_path):
         attempt_start = time.monotonic()
         if rng.random() < 0.2:  # anywhere in the start-up
             time.sleep(rng.uniform(0.2, 4.0))
-        else:  # just after it was seen writing
-            while proc.poll() is None and snapshot(out) == before:
+        else:  # just after it was seen writing, in a stage that has not had its share of kills
+            while proc.poll() is None and (snapshot(out) == before
+                                           or kills.count((cycle, stage_of(out))) >= STAGE_QUOTA):
                 if time.monotonic() - attempt_start > attempt_budget:
                     os.killpg(proc.pid, signal.SIGKILL)
                     pytest.fail(f"an attempt wrote nothing in {attempt_budget:.0f}s (after {len(kills)} kills)")
@@ -203,7 +208,7 @@ def test_sigkill_at_random_points_then_resume(tiny_model, tmp_path):
             stage = stage_of(out)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            kills.append(stage)
+            kills.append((cycle, stage))
             rows = check_answers(out / "answers.jsonl", keys, complete=False)
             check_pairs(out, rows, variants, complete=False)
             continue
@@ -217,7 +222,7 @@ def test_sigkill_at_random_points_then_resume(tiny_model, tmp_path):
     proc = cli(recipe, out)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err.decode(errors="replace")
-    print(f"kills by stage: {kills}; runs finished between kills: {finished_cycles}")
+    print(f"kills by stage: {Counter(stage for _, stage in kills)}; runs finished between kills: {finished_cycles}")
     assert len(kills) >= KILLS, f"only {len(kills)} kills in {MAX_ATTEMPTS} attempts"
 
     for d in [tmp_path / f"run{i}" for i in range(cycle + 1)]:
