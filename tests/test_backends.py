@@ -35,9 +35,9 @@ class EchoGenerator:
     def __init__(self):
         self.calls = 0
 
-    def generate_answers(self, tokenizer, conversations, params, num_samples, batch_size, seed, on_batch):
+    def generate_answers(self, tokenizer, conversations, params, num_samples, batch_size, seed, on_batch, todo=None):
         self.calls += 1
-        for i in range(len(conversations)):
+        for i in sorted(todo):
             on_batch([i], [[f"{i}.{j}" for j in range(num_samples[i])]], [[1] * num_samples[i]])
 
 

@@ -98,7 +98,10 @@ CASES = [
     ("lm-eval-unknown-task", "unknown lm-eval task 'no_such_task_xyz'", lambda c: [
         "run", c.recipe(evaluation__lm_eval={"tasks": ["no_such_task_xyz"]}), "--out", str(c.dir / "o")]),
     ("lm-eval-include-path-missing", "include_path: nowhere is not a folder", lambda c: [
-        "run", c.recipe(evaluation__lm_eval={"tasks": ["x"], "include_path": "nowhere"}), "--out", str(c.dir / "o")]),
+        "run", c.recipe(evaluation__lm_eval={"tasks": ["x"], "include_path": "nowhere"}), "--out", str(c.dir / "o"),
+        "--trust-remote-code"]),
+    ("lm-eval-include-path-untrusted", "include_path, whose task files can run Python code", lambda c: (
+        c.dir.joinpath("tasks").mkdir(), new_run(c, evaluation__lm_eval={"tasks": ["x"], "include_path": str(c.dir / "tasks")}))[-1]),
     ("lm-eval-no-tasks", "evaluation.lm_eval.tasks", lambda c: [
         "run", c.recipe(evaluation__lm_eval={"tasks": []}), "--out", str(c.dir / "o")]),
     ("recipe-missing", "recipe file not found", lambda c: ["run", str(c.dir / "none.yaml"), "--out", str(c.dir / "o")]),
@@ -116,6 +119,9 @@ CASES = [
     ("type-temperature-too-high", "generation.temperature", lambda c: new_run(c, generation__temperature=99)),
     ("type-lora-targets-empty", "dpo.lora_targets", lambda c: new_run(c, dpo__lora_targets=[])),
     ("type-behaviour-name-empty", "behaviour.name", lambda c: new_run(c, behaviour__name="")),
+    ("behaviour-name-parent-path", "behaviour.name: '../x' is not a name", lambda c: new_run(c, behaviour__name="../x")),
+    ("behaviour-name-absolute-path", "behaviour.name: '/tmp/x' is not a name", lambda c: new_run(c, behaviour__name="/tmp/x")),
+    ("behaviour-name-leading-dot", "behaviour.name: '.x' is not a name", lambda c: new_run(c, behaviour__name=".x")),
     ("type-model-int", "model: Input should be a valid string", lambda c: new_run(c, model=123)),
     ("type-scorer-params-string", "behaviour.scorer.params", lambda c: new_run(c, behaviour__scorer__params="arr")),
     ("type-prompts-null", "prompts: Input should be a valid dictionary", lambda c: new_run(c, prompts=None)),

@@ -75,3 +75,34 @@ def test_sampled_decode_gives_k_rows_per_prompt_reproducibly(tiny_model):
     assert a.shape == (6, 10)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert len({tuple(r) for r in a[:3].tolist()}) > 1  # the k samples of one prompt differ
+
+
+def test_resumed_generation_writes_the_answers_of_an_uninterrupted_run(tiny_model, tmp_path):
+    """A kill leaves whole batches, a batch cut short and a cut line; the rerun fills in exactly the
+    texts an uninterrupted run writes (each batch keeps its composition and seed)."""
+    from cfdpo.backends import get_backend
+    from cfdpo.generate import plan_rows, run_generation
+    from cfdpo.models import load_tokenizer
+    from cfdpo.runio import JsonlLog
+    from cfdpo.spec import Behaviour
+
+    behaviour = Behaviour(name="b", negative="Be rude.", scorer={"name": "length", "desired": "lower"})
+    prompts = [{"id": f"p{i}", "prompt": "Why " * (i % 3 + 1) + f"is {i} a number?"} for i in range(5)]
+    rows = plan_rows(prompts, ["control", "negative"], behaviour, 2, "m", GenParams(5, 1.0, 0.95), 0)
+    tok = load_tokenizer(str(tiny_model))
+    tok.padding_side = "left"
+    generator = get_backend("transformers").load(str(tiny_model), "float32")
+
+    def generate(path):
+        return run_generation(rows, JsonlLog(path), lambda: (generator, tok), batch_size=4, seed=3)
+
+    whole = tmp_path / "whole.jsonl"
+    assert generate(whole) == len(rows)
+    lines = whole.read_bytes().splitlines(keepends=True)
+    cut = tmp_path / "cut.jsonl"  # batches of 2 conversations x 2 samples: the 2nd batch lost a row, then a cut line
+    cut.write_bytes(b"".join(lines[:7]) + lines[7][:20])
+    assert generate(cut) == len(rows) - 7
+    answers = {r["key"]: r["answer"] for r in JsonlLog(whole).rows}
+    resumed = JsonlLog(cut).rows
+    assert len(resumed) == len(rows) and {r["key"]: r["answer"] for r in resumed} == answers
+    assert len(set(answers.values())) > len(rows) // 2  # sampled, not all alike

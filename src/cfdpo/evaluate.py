@@ -64,8 +64,13 @@ def find_adapters(run_dir: Path, names: list[str] | None = None) -> dict[str, Pa
 
 
 def adapter_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(path.glob("adapter_*")):
+    """The adapter's identity in answer keys: its config written canonically (PEFT writes
+    `target_modules` from a set, in an order that differs between processes) and its weights."""
+    config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8"))
+    for f in sorted(path.glob("adapter_model*")):
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 

@@ -2,7 +2,8 @@
 
 Rows go to `answers.jsonl` (append-only, see `runio.JsonlLog`), each keyed by a hash of
 (model, messages, generation parameters, sample index, seed): a rerun skips rows that are there,
-an interrupted run resumes where it stopped. The answers themselves come from a generation backend
+an interrupted run resumes where it stopped and writes the answers an uninterrupted run would
+(see `run_generation`). The answers themselves come from a generation backend
 (`cfdpo.backends`).
 """
 
@@ -61,39 +62,48 @@ def plan_rows(
 
 def run_generation(
     rows: list[dict], log: JsonlLog, load_generator: Callable[[], tuple], batch_size: int = 16, seed: int = 0,
-    label: str = "generate",
+    label: str = "generate", have: frozenset[str] | set[str] = frozenset(),
 ) -> int:
-    """Produce every planned row not yet in `log`. Returns how many rows were generated.
+    """Produce every planned row not yet in `log` (nor in `have`, keys written elsewhere). Returns how
+    many rows were generated.
+
+    Deterministic under interruption: the backend plans its batches over ALL of `rows`' conversations
+    (same order, same batches, each batch seeded from its place in that plan) and replays, whole, only
+    the batches holding a missing row; only the missing rows are written. So a killed and resumed run
+    writes the same answers as an uninterrupted one. The plan is over the rows given: under several
+    processes each rank plans its own shard (`dist.shard_rows`), so answers are reproducible for the
+    same world size only.
 
     `load_generator()` returns (generator, tokenizer), the generator from a backend's `load` (see
     `cfdpo.backends`); it is called only when there is something to generate."""
-    done = log.keys()
-    todo = [r for r in rows if r["key"] not in done]
-    if not todo:
+    done = log.keys() | have
+    missing = sum(r["key"] not in done for r in rows)
+    if not missing:
         return 0
-    # one unit per conversation: all its missing samples at once
+    # one unit per conversation: all its planned samples at once
     units: dict[str, list[dict]] = {}
-    for r in todo:
+    for r in rows:
         units.setdefault(json.dumps(r["messages"], sort_keys=True), []).append(r)
     unit_rows = list(units.values())
+    todo = {i for i, unit in enumerate(unit_rows) if any(r["key"] not in done for r in unit)}
     params = GenParams(**unit_rows[0][0]["gen"])
     generator, tokenizer = load_generator()
 
-    with GenerationProgress(len(todo), label) as prog:
+    with GenerationProgress(missing, label) as prog:
 
         def on_batch(indices, answers, counts):
-            out = []
-            for i, texts, toks in zip(indices, answers, counts):
-                for r, text, n in zip(unit_rows[i], texts, toks):
-                    out.append({**r, "answer": text, "n_tokens": n})
+            out = [{**r, "answer": text, "n_tokens": n}
+                   for i, texts, toks in zip(indices, answers, counts)
+                   for r, text, n in zip(unit_rows[i], texts, toks) if r["key"] not in done]
             log.append(out)
+            done.update(r["key"] for r in out)
             prog.advance(len(out), sum(sum(c) for c in counts))
 
         generator.generate_answers(
             tokenizer, [u[0]["messages"] for u in unit_rows], params, [len(u) for u in unit_rows],
-            batch_size, seed, on_batch,
+            batch_size, seed, on_batch, todo,
         )
-    return len(todo)
+    return missing
 
 
 def answers_path(run_dir: str | Path) -> Path:

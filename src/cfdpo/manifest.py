@@ -9,7 +9,8 @@ answers, pairs and adapters were made from the old ones. A local model is identi
 sha256 of its files' contents (`inputs.model.sha256`, see `models.model_sha256`); a manifest
 without it was written by an older cfdpo that hashed file sizes only, and is refused. `stages`
 records when each stage last finished (and the package versions / git commit, where they differ
-from the ones at the top).
+from the ones at the top); `stages.train.adapters` what each adapter was trained from (its
+`identity.json`, see `train.adapter_identity`).
 """
 
 from __future__ import annotations
@@ -109,6 +110,13 @@ def check(run_dir: Path, recipe: Recipe, model_path: str) -> dict | None:
     return saved
 
 
+def adapter_identities(run_dir: Path) -> dict[str, dict]:
+    """Each trained adapter's identity.json, by adapter name."""
+    from cfdpo.train import IDENTITY
+
+    return {f.parent.name: read_json(f) for f in sorted((run_dir / "adapters").glob(f"*/{IDENTITY}"))}
+
+
 def record_stage(run_dir: Path, stage: str, **info) -> None:
     """Note in the manifest that `stage` finished (atomic rewrite; no-op if the run has no manifest)."""
     path = run_dir / NAME
@@ -116,6 +124,8 @@ def record_stage(run_dir: Path, stage: str, **info) -> None:
         return
     m = read_json(path)
     entry = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
+    if stage == "train":
+        entry["adapters"] = adapter_identities(run_dir)
     versions, commit = package_versions(), git_commit()
     if versions != m.get("packages"):
         entry["packages"] = versions

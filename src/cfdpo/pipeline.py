@@ -98,6 +98,11 @@ def _open_run(run_dir: str | Path, recipe_path: str | Path | None, trust_remote_
             "recipe asks for trust_remote_code: true, which runs Python code shipped with the model; "
             "pass --trust-remote-code to allow it"
         )
+    if recipe.evaluation.lm_eval and recipe.evaluation.lm_eval.include_path and trust_remote_code is False:
+        raise CfdpoError(
+            "recipe sets evaluation.lm_eval.include_path, whose task files can run Python code (!function); "
+            "pass --trust-remote-code to allow it"
+        )
     check_inside(d)
     run = Run(d, recipe.model_copy(update={"trust_remote_code": bool(trust_remote_code)}))
     run.split()  # the prompt file and the split sizes are valid
@@ -149,11 +154,12 @@ def generate(run: Run) -> int:
     ap = answers_path(run.dir)
     added = dist.on_main(lambda: dist.merge_shards(ap, rows_all))  # a crashed multi-process run's shards
     w, rank = dist.world(), dist.rank()
+    have: set[str] = set()  # rows merged into answers.jsonl, on several processes
     if w == 1:
         log = JsonlLog(ap)
     else:
-        done = JsonlLog(ap).keys()
-        rows = [row for row in dist.shard_rows(rows, rank, w) if row["key"] not in done]
+        have = JsonlLog(ap).keys()
+        rows = dist.shard_rows(rows, rank, w)  # the whole shard: its batch plan must not depend on what is done
         log = JsonlLog(dist.shard_path(ap, rank, w))
     set_threads()
 
@@ -162,7 +168,8 @@ def generate(run: Run) -> int:
         tok.padding_side = "left"
         return get_backend(g.backend).load(path, resolve_dtype(g.dtype), r.trust_remote_code, g.seed + 7919 * rank), tok
 
-    n = run_generation(rows, log, loader, batch_size=g.batch_size, seed=g.seed + 7919 * rank, label="generate")
+    n = run_generation(rows, log, loader, batch_size=g.batch_size, seed=g.seed + 7919 * rank, label="generate",
+                       have=have)
     if w > 1:
         n += dist.on_main(lambda: dist.merge_shards(ap, rows_all))
     _done(run, "generate")

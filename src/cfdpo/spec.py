@@ -92,7 +92,8 @@ class ScorerSpec(_Strict):
 
 
 class Behaviour(_Strict):
-    name: str = Field(min_length=1, description="Short name of the behaviour, shown in reports.")
+    name: str = Field(min_length=1, description="Short name of the behaviour, shown in reports and used as a folder "
+                                                "name: letters, digits, '.', '_' and '-', not starting with '.'.")
     treatment: str | list[str] | None = Field(
         default=None,
         description="Instruction asking for the desired behaviour, or a list of paraphrases of it (each prompt draws "
@@ -110,6 +111,13 @@ class Behaviour(_Strict):
         description="Fixed system prompt of the deployment, sent with every prompt (user_prefix/user_suffix "
                     "placement only). Default: none.")
     scorer: ScorerSpec = Field(description="How the behaviour is measured in one answer.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:  # a folder in the benchmark: no '/', no '..'
+        if not re.fullmatch(NAME_PATTERN, value):
+            raise ValueError(f"'{value:.40}' is not a name: use letters, digits, '.', '_' and '-', not starting with '.'")
+        return value
 
     @field_validator("treatment", "negative", mode="before")
     @classmethod

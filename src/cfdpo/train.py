@@ -10,7 +10,8 @@ the temporary directory, writes the log and renames it into place, the other ran
 
 Crash safety: the trainer checkpoints every `dpo.save_steps` steps into `adapters/.<name>-work/`;
 a rerun resumes from the last complete checkpoint there (and removes it after success). An
-adapter whose `train_log.json` records the same pairs (`pairs_sha256`) is not trained again.
+adapter is not trained again when its `identity.json` (see `adapter_identity`: the pairs, the model,
+the dpo settings, the kind and the cfdpo version) matches; checkpoints of another identity are dropped.
 
 On CPU the trainer keeps TRL's loss and loop but its forward is cheaper (`cfdpo.cpu_kernels`).
 """
@@ -30,6 +31,7 @@ from cfdpo.runtime import bf16_supported, train_dtype
 from cfdpo.spec import DPOSpec
 
 PAIR_COLUMNS = ["prompt", "chosen", "rejected"]
+IDENTITY = "identity.json"  # in an adapter's folder: what it was trained from (`adapter_identity`)
 
 
 def lora_config(spec: DPOSpec):
@@ -85,6 +87,7 @@ def _finish(trainer, tmp: Path, out: Path, merge: bool, extra_log: dict) -> Path
 def _publish(trainer, tmp: Path, out: Path, merge: bool, extra_log: dict) -> Path:
     log = {"log_history": trainer.state.log_history, **extra_log}
     write_json(tmp / "adapter" / "train_log.json", log)
+    write_json(tmp / "adapter" / IDENTITY, log["identity"])
     if merge:
         merged = trainer.model.merge_and_unload()
         merged.save_pretrained(str(tmp / "adapter" / "merged"), safe_serialization=True)
@@ -110,21 +113,31 @@ def pairs_fingerprint(ds) -> str:
     return h.hexdigest()
 
 
-def adapter_is_current(out: Path, fingerprint: str, merge: bool) -> bool:
+def adapter_identity(kind: str, model_path: str, spec: DPOSpec, fingerprint: str) -> dict:
+    """What an adapter is made from: an adapter is current only when all of it is unchanged."""
+    from cfdpo import __version__
+    from cfdpo.models import model_id
+
+    return {"kind": kind, "pairs_sha256": fingerprint, "model": model_id(model_path),
+            "dpo": spec.model_dump(mode="json"), "cfdpo": __version__}
+
+
+def adapter_is_current(out: Path, identity: dict, merge: bool) -> bool:
     dist.on_main(lambda: recover_dir(out))
     try:
-        log = json.loads((out / "train_log.json").read_text(encoding="utf-8"))
+        saved = json.loads((out / IDENTITY).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     if not (out / "adapter_model.safetensors").is_file() or (merge and not (out / "merged").is_dir()):
         return False
-    return isinstance(log, dict) and log.get("pairs_sha256") == fingerprint
+    return saved == identity
 
 
-def work_dir(out: Path, fingerprint: str) -> Path:
-    """The checkpoint directory of `out`, emptied if its checkpoints were made from other pairs."""
+def work_dir(out: Path, identity: dict) -> Path:
+    """The checkpoint directory of `out`, emptied if its checkpoints were made for another identity."""
     work = out.with_name(f".{out.name}-work")
-    stamp = work / "pairs.sha256"
+    stamp = work / "identity.sha256"
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
 
     def make():
         if work.exists() and not (stamp.is_file() and stamp.read_text().strip() == fingerprint):
@@ -168,10 +181,11 @@ def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: st
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     fingerprint = pairs_fingerprint(pairs_dataset)
-    if adapter_is_current(out, fingerprint, merge):
+    identity = adapter_identity(kind, model_path, spec, fingerprint)
+    if adapter_is_current(out, identity, merge):
         dist.on_main(lambda: shutil.rmtree(out.with_name(f".{out.name}-work"), ignore_errors=True))
         return out
-    work = work_dir(out, fingerprint)
+    work = work_dir(out, identity)
     tmp = Path(dist.on_main(lambda: tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent)))  # one for all ranks
     try:
         tok = load_tokenizer(model_path, trust_remote_code)
@@ -186,7 +200,7 @@ def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: st
         count_key = "pairs" if kind == "dpo" else "examples"
         return _finish(trainer, tmp, out, merge, {"kind": kind, "train_runtime": result.metrics.get("train_runtime"),
                                                   count_key: n, "pairs_sha256": fingerprint,
-                                                  "spec": spec.model_dump(mode="json")})
+                                                  "spec": spec.model_dump(mode="json"), "identity": identity})
     finally:
         if dist.is_main():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -7,7 +7,7 @@ Also the two pieces of tensor plumbing the likelihood scorers share with the dec
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from cfdpo.generate import GenParams
 
@@ -109,9 +109,13 @@ def decode(model, ids, mask, k: int, params: GenParams, stop_ids, seed: int):
 def generate_answers(
     model, tokenizer, conversations: Sequence[list[dict]], params: GenParams, num_samples: Sequence[int],
     batch_size: int, seed: int, on_batch: Callable[[list[int], list[list[str]], list[list[int]]], None],
+    todo: Collection[int] | None = None,
 ) -> None:
     """Generate `num_samples[i]` answers for each conversation, batched by prompt length.
 
+    The batches are planned over all `conversations` (grouped by sample count, longest prompt first)
+    and each is seeded from its place in that plan, so a batch's answers do not depend on which
+    others run. Only the batches holding a conversation in `todo` (default: all) are decoded, whole.
     Calls `on_batch(indices, answers, token_counts)` after each batch so the caller can persist
     results as they come. The k samples of one conversation share one prefill (see `decode`).
     """
@@ -137,6 +141,8 @@ def generate_answers(
         per_batch = max(1, batch_size // k)
         for b in range(0, len(idxs), per_batch):
             batch = idxs[b : b + per_batch]
+            if todo is not None and not any(i in todo for i in batch):
+                continue
             ids, mask = pad_batch([encoded[i] for i in batch], pad_id)
             with torch.inference_mode():
                 new = decode(model, ids.to(device), mask.to(device), k, params, stop_ids.to(device),
@@ -163,8 +169,9 @@ class TransformersGenerator:
 
     def generate_answers(self, tokenizer, conversations: Sequence[list[dict]], params: GenParams,
                          num_samples: Sequence[int], batch_size: int, seed: int,
-                         on_batch: Callable[[list[int], list[list[str]], list[list[int]]], None]) -> None:
-        generate_answers(self.model, tokenizer, conversations, params, num_samples, batch_size, seed, on_batch)
+                         on_batch: Callable[[list[int], list[list[str]], list[list[int]]], None],
+                         todo: Collection[int] | None = None) -> None:
+        generate_answers(self.model, tokenizer, conversations, params, num_samples, batch_size, seed, on_batch, todo)
 
 
 def load(model_path: str, dtype: str, trust_remote_code: bool = False, seed: int = 0) -> TransformersGenerator:

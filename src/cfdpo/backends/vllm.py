@@ -4,7 +4,7 @@ on a GPU (`pip install cfdpo[vllm]`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from cfdpo.errors import CfdpoError
 
@@ -35,14 +35,21 @@ class VllmGenerator:
 
     def generate_answers(self, tokenizer, conversations: Sequence[list[dict]], params, num_samples: Sequence[int],
                          batch_size: int, seed: int,
-                         on_batch: Callable[[list[int], list[list[str]], list[list[int]]], None]) -> None:
+                         on_batch: Callable[[list[int], list[list[str]], list[list[int]]], None],
+                         todo: Collection[int] | None = None) -> None:
         """vLLM schedules its own batches; `batch_size` conversations go per call so that progress is
-        persisted as it comes (at least 256, vLLM is fastest with many requests in flight)."""
+        persisted as it comes (at least 256, vLLM is fastest with many requests in flight).
+
+        As in the transformers backend the calls are planned over all `conversations`, each request
+        seeded from its conversation's place among them, and only the calls holding a conversation in
+        `todo` (default: all) are made, whole."""
         from vllm import SamplingParams
 
         chunk = max(256, batch_size)
         for b in range(0, len(conversations), chunk):
             idx = list(range(b, min(b + chunk, len(conversations))))
+            if todo is not None and not any(i in todo for i in idx):
+                continue
             prompts, sampling = [], []
             for i in idx:
                 ids = tokenizer.apply_chat_template(conversations[i], add_generation_prompt=True, tokenize=True,

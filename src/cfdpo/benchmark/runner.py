@@ -185,7 +185,7 @@ def run_benchmark(plan: Plan) -> dict:
                 for mname, _ in plan.multi:
                     mrun = plain_runs[mname]
                     dst = mrun.dir / "adapters" / "multi"
-                    if store.finished(mname, "plain", seed, mrun.dir, {"multi"}) is not None and dst.is_dir():
+                    if store.finished(mname, "plain", seed, mrun.dir, {"multi"}) is not None and same_adapter(adapter, dst):
                         continue
                     if dst.exists():
                         shutil.rmtree(dst)
@@ -195,6 +195,16 @@ def run_benchmark(plan: Plan) -> dict:
                     store.record(mname, "plain", seed, mrun, store.seconds(mname, "plain", seed) + time.perf_counter() - t0)
     store.finish(time.perf_counter() - t_all)
     return store.results
+
+
+def same_adapter(adapter: Path, copy: Path) -> bool:
+    """`copy` is a copy of `adapter` as it is now: the same identity (see `train.adapter_identity`)."""
+    from cfdpo.train import IDENTITY
+
+    try:
+        return read_json(copy / IDENTITY) == read_json(adapter / IDENTITY)
+    except CfdpoError:  # no copy yet, or one cut short
+        return False
 
 
 def train_multi(plan: Plan, runs: dict, seed: int) -> Path:
@@ -211,10 +221,7 @@ def train_multi(plan: Plan, runs: dict, seed: int) -> Path:
     stats = {"count": len(pairs), "parts": {k: len(v) for k, v in parts.items()}}
     ds_dir = write_pairs(pairs, d / "pairs", stats)
     first = runs[plan.multi[0][0]]
-    out = d / "adapter"
-    if not (out / "adapter_config.json").is_file():
-        set_threads()
-        lr = min(runs[n].recipe.dpo.learning_rate for n, _ in plan.multi)
-        spec = first.recipe.dpo.model_copy(update={"learning_rate": lr})
-        train_dpo(first.model_path, load_pairs(ds_dir), spec, out)
-    return out
+    set_threads()
+    lr = min(runs[n].recipe.dpo.learning_rate for n, _ in plan.multi)
+    spec = first.recipe.dpo.model_copy(update={"learning_rate": lr})
+    return train_dpo(first.model_path, load_pairs(ds_dir), spec, d / "adapter")  # kept while its identity holds
