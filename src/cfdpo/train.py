@@ -27,12 +27,16 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cfdpo import cpu_kernels, dist
 from cfdpo.errors import CfdpoError
 from cfdpo.runio import recover_dir, replace_dir, write_json
 from cfdpo.runtime import bf16_supported, train_dtype
 from cfdpo.spec import DPOSpec
+
+if TYPE_CHECKING:
+    from cfdpo.validation import ValidationPlan
 
 PAIR_COLUMNS = ["prompt", "chosen", "rejected"]
 
@@ -163,7 +167,7 @@ def last_checkpoint(work: Path) -> str | None:
     return str(max(found)[1]) if found else None
 
 
-def _validate_with(trainer, plan, tokenizer, work: Path, resume_from: str | None):
+def _validate_with(trainer, plan: ValidationPlan, tokenizer, work: Path, resume_from: str | None):
     """dpo.auto: the step budget, and the validation callback (not under ZeRO-3 / FSDP, where no process
     holds the whole model to answer with)."""
     from cfdpo.validation import ValidationCallback, step_budget
@@ -180,7 +184,7 @@ def _validate_with(trainer, plan, tokenizer, work: Path, resume_from: str | None
 
 def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: str | Path, merge: bool,
            trust_remote_code: bool, dtype: str, make_trainer, kernels: cpu_kernels.CpuKernels | None,
-           validation=None) -> Path:
+           validation: ValidationPlan | None = None) -> Path:
     """Shared by DPO and SFT: skip a current adapter, resume from checkpoints, publish atomically.
 
     `make_trainer(model, tokenizer, common_args)` returns (trainer, number of examples). With a
@@ -230,7 +234,7 @@ def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: st
 def train_dpo(
     model_path: str, pairs_dataset, spec: DPOSpec, out_dir: str | Path, merge: bool = False,
     trust_remote_code: bool = False, dtype: str | None = None, kernels: cpu_kernels.CpuKernels | None = None,
-    validation=None,
+    validation: ValidationPlan | None = None,
 ) -> Path:
     """Train a LoRA adapter with DPO on a conversational preference dataset; returns the adapter dir.
     `kernels` chooses cfdpo's CPU training kernels (default: all that apply); `validation` (a
@@ -255,7 +259,7 @@ def train_dpo(
 def train_sft(
     model_path: str, pairs_dataset, spec: DPOSpec, out_dir: str | Path, merge: bool = False,
     trust_remote_code: bool = False, dtype: str | None = None, kernels: cpu_kernels.CpuKernels | None = None,
-    validation=None,
+    validation: ValidationPlan | None = None,
 ) -> Path:
     """Context-distillation baseline: SFT on (control prompt -> chosen answer), same LoRA budget."""
 
