@@ -66,3 +66,38 @@ def test_bad_prompt_files(tmp_path, name, content, msg):
 def test_missing_source():
     with pytest.raises(CfdpoError, match="not a builtin set"):
         load_prompts("no/such/file.jsonl")
+
+
+def test_validation_prompts_come_after_training_and_leave_both_splits_unchanged():
+    from cfdpo.prompts import validation_split
+
+    ps = load_prompts("general")
+    train, held_out = split(ps, 100, 50, seed=3)
+    val = validation_split(list(reversed(ps)), 100, 50, 8, seed=3)
+    assert len(val) == 8
+    assert not {p["id"] for p in val} & ({p["id"] for p in train} | {p["id"] for p in held_out})
+    assert [p["id"] for p in val] == [p["id"] for p in validation_split(ps, 100, 50, 8, seed=3)]
+    assert [p["id"] for p in val][:4] == [p["id"] for p in validation_split(ps, 100, 50, 4, seed=3)]
+    assert [p["id"] for p in validation_split(ps, 100, 50, None, seed=3)] == [p["id"] for p in val]  # default 8
+
+
+def test_default_validation_takes_what_the_set_has_left_and_an_explicit_size_must_fit():
+    from cfdpo.prompts import validation_split
+
+    rows = [{"id": f"p{i}", "prompt": f"q{i}"} for i in range(12)]
+    assert len(validation_split(rows, 8, 2, None)) == 2
+    assert validation_split(rows, 10, 2, None) == []
+    with pytest.raises(CfdpoError, match=r"^prompts.validation_size: .* = 13 but the set has only 12 prompts; "
+                                         r"expected at most 2$"):
+        validation_split(rows, 8, 2, 3)
+
+
+def test_validation_size_must_be_smaller_than_train_size():
+    from cfdpo.spec import parse_recipe
+
+    data = {"behaviour": {"name": "x", "treatment": "Be brief.", "scorer": {"name": "length", "desired": "lower"}},
+            "variants": ["enc"], "prompts": {"train_size": 8, "validation_size": 8}}
+    with pytest.raises(CfdpoError, match=r"^recipe: prompts.validation_size: 8 is not smaller than train_size \(8\)"):
+        parse_recipe(data)
+    data["prompts"]["validation_size"] = 7
+    assert parse_recipe(data).prompts.validation_size == 7

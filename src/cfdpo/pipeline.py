@@ -47,6 +47,13 @@ class Run:
         p = self.recipe.prompts
         return split(load_prompts(p.source, p.column), p.train_size, p.eval_size, p.seed)
 
+    def validation_prompts(self) -> list[dict]:
+        """The prompts dpo.auto validates on (disjoint from both splits; see `prompts.validation_split`)."""
+        from cfdpo.prompts import load_prompts, validation_split
+
+        p = self.recipe.prompts
+        return validation_split(load_prompts(p.source, p.column), p.train_size, p.eval_size, p.validation_size, p.seed)
+
 
 OUTPUTS = ("answers.jsonl", "pairs", "adapters", "eval", "metrics.json", "report.md", "report.html")
 
@@ -106,6 +113,7 @@ def _open_run(run_dir: str | Path, recipe_path: str | Path | None, trust_remote_
     check_inside(d)
     run = Run(d, recipe.model_copy(update={"trust_remote_code": bool(trust_remote_code)}))
     run.split()  # the prompt file and the split sizes are valid
+    run.validation_prompts()
     from cfdpo.models import check_available
 
     check_available(run.model_path)
@@ -237,7 +245,8 @@ def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft:
     from cfdpo.pairs import load_pairs
     from cfdpo.runtime import set_threads
     from cfdpo.train import train_dpo, train_sft
-    from cfdpo.variants import SFT_SOURCES
+    from cfdpo.validation import plan_validation
+    from cfdpo.variants import BY_NAME, SFT_SOURCES
 
     r = run.recipe
     todo = variants or list(r.variants)
@@ -255,14 +264,21 @@ def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft:
     if sft and src is None:
         listed = ", ".join(SFT_SOURCES[:-1]) + " or " + SFT_SOURCES[-1]
         raise CfdpoError(f"the SFT baseline needs an {listed} variant (their chosen answers are its targets)")
+    held = run.validation_prompts() if r.dpo.auto else []
+
+    def plan(variant: str):  # dpo.auto: validate under the condition the variant's DPO prompt uses
+        return plan_validation(r, held, BY_NAME[variant].prompt) if r.dpo.auto else None
+
     out = []
     with tracking.training(run.dir, r.tracking):
         for v in todo:
             ds = load_pairs(run.dir / "pairs" / v)
-            out.append(train_dpo(run.model_path, ds, r.dpo, run.dir / "adapters" / v, merge, r.trust_remote_code))
+            out.append(train_dpo(run.model_path, ds, r.dpo, run.dir / "adapters" / v, merge, r.trust_remote_code,
+                                 validation=plan(v)))
         if sft:
             ds = load_pairs(run.dir / "pairs" / src)
-            out.append(train_sft(run.model_path, ds, r.dpo, run.dir / "adapters" / "sft", merge, r.trust_remote_code))
+            out.append(train_sft(run.model_path, ds, r.dpo, run.dir / "adapters" / "sft", merge, r.trust_remote_code,
+                                 validation=plan(src)))
     _done(run, "train")
     return out
 

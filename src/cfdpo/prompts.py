@@ -1,6 +1,7 @@
 """Prompt sets: builtin sets shipped in the package, or a user's JSONL / CSV / parquet file.
 
-Every prompt gets a stable id; `split()` makes a deterministic train / eval split with no overlap.
+Every prompt gets a stable id; `split()` makes a deterministic train / eval split with no overlap, and
+`validation_split()` the validation prompts after the training ones.
 """
 
 from __future__ import annotations
@@ -103,12 +104,36 @@ def load_prompts(source: str, column: str = "prompt") -> list[dict]:
     return out
 
 
+def _shuffled(prompts: list[dict], seed: int) -> list[dict]:
+    """The prompts in the seeded order every split cuts from (independent of the input order)."""
+    order = sorted(prompts, key=lambda r: r["id"])
+    random.Random(seed).shuffle(order)
+    return order
+
+
 def split(prompts: list[dict], train_size: int, eval_size: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Deterministic shuffle, then eval = first `eval_size`, train = next `train_size`; never overlapping."""
     if train_size + eval_size > len(prompts):
         raise CfdpoError(
             f"prompts: train_size + eval_size = {train_size + eval_size} but the set has only {len(prompts)} prompts"
         )
-    order = sorted(prompts, key=lambda r: r["id"])
-    random.Random(seed).shuffle(order)
+    order = _shuffled(prompts, seed)
     return order[eval_size : eval_size + train_size], order[:eval_size]
+
+
+def validation_split(prompts: list[dict], train_size: int, eval_size: int, validation_size: int | None,
+                     seed: int = 0) -> list[dict]:
+    """The validation prompts: the `validation_size` after the training ones in `split`'s shuffle, so the
+    train and eval splits are the same with or without them. None: up to `DEFAULT_VALIDATION_SIZE`, as
+    many as the set has left (maybe none); a number the set cannot hold is an error."""
+    from cfdpo.spec import DEFAULT_VALIDATION_SIZE
+
+    start = eval_size + train_size
+    if validation_size is None:
+        validation_size = max(0, min(DEFAULT_VALIDATION_SIZE, len(prompts) - start))
+    elif start + validation_size > len(prompts):
+        raise CfdpoError(
+            f"prompts.validation_size: train_size + eval_size + validation_size = {start + validation_size} but the "
+            f"set has only {len(prompts)} prompts; expected at most {max(0, len(prompts) - start)}"
+        )
+    return _shuffled(prompts, seed)[start : start + validation_size]

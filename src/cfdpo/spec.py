@@ -9,7 +9,7 @@ import json
 import re
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from cfdpo import variants as variant_table
 from cfdpo.errors import CfdpoError
@@ -30,6 +30,7 @@ Variant = Annotated[str, BeforeValidator(_known_variant)]
 Placement = Literal["user_prefix", "user_suffix", "system"]
 PLACEMENTS: tuple[str, ...] = get_args(Placement)
 NAME_PATTERN = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
+DEFAULT_VALIDATION_SIZE = 8  # prompts.validation_size when unset (fewer when the prompt set runs out)
 
 
 def _normalised(text: str) -> str:
@@ -168,7 +169,23 @@ class PromptsSpec(_Strict):
     eval_size: int = Field(default=24, ge=1,
                            description="Held-out prompts for evaluation; they never overlap the training prompts.")
     seed: int = Field(default=0, description="Seed of the shuffle that splits the prompts: evaluation takes the first "
-                                             "eval_size, training the next train_size.")
+                                             "eval_size, training the next train_size, validation the next "
+                                             "validation_size.")
+    validation_size: int | None = Field(
+        default=None, ge=0,
+        description="Prompts dpo.auto validates on while training: the next ones of the shuffle after the training "
+                    "prompts, never training or evaluation prompts (they need no generated answers). Must be smaller "
+                    f"than train_size. Unset: {DEFAULT_VALIDATION_SIZE}, or as many as the set has left; 0: none "
+                    "(dpo.auto then keeps only its step budget).")
+
+    @field_validator("validation_size")
+    @classmethod
+    def _smaller_than_training(cls, value: int | None, info: ValidationInfo) -> int | None:
+        train_size = info.data.get("train_size")
+        if value is not None and train_size is not None and value >= train_size:
+            raise ValueError(f"{value} is not smaller than train_size ({train_size}); "
+                             "expected a few prompts held out beside the training ones")
+        return value
 
 
 class GenerationSpec(_Strict):
@@ -232,6 +249,25 @@ class DPOSpec(_Strict):
                                                                       "before training instead of at every step.")
     save_steps: int = Field(default=50, ge=1, description="Checkpoint every N steps, so a killed run resumes from there.")
     seed: int = Field(default=0, description="Training seed (LoRA initialisation, order of the pairs).")
+    auto: bool = Field(
+        default=True,
+        description="Validation-driven training (the pipeline's train stage): at least min_steps optimizer steps "
+                    "(epochs becomes a lower bound), the adapter scored on prompts.validation_size held-out "
+                    "training-set prompts every eval_every steps, the best step within max_kl published instead of "
+                    "the last, and an early stop after patience evaluations without a better step. false: exactly "
+                    "epochs passes, the last step published.")
+    min_steps: int = Field(default=24, ge=1, description="dpo.auto: optimizer steps at least (epochs are raised to "
+                                                         "reach them); no early stop before them.")
+    eval_every: int = Field(default=6, ge=1, description="dpo.auto: validate every N optimizer steps (and at step 0 "
+                                                         "and the last step).")
+    patience: int = Field(default=2, ge=1, description="dpo.auto: stop once the best step is this many validations "
+                                                       "old (after min_steps).")
+    max_kl: float = Field(
+        default=0.1, gt=0.0,
+        description="dpo.auto: capability guard, in nats per answer token: a step is published only if "
+                    "KL(base || model) on a few answers the base sampled to validation prompts stays within it "
+                    "(0.1 per token lets a style move a few tokens of an answer a lot, not every token a little); "
+                    "if none does, the step with the lowest KL.")
 
 
 class LmEvalSpec(_Strict):

@@ -14,6 +14,11 @@ adapter is not trained again when its `identity.json` (see `adapter_identity`: t
 the dpo settings, the kind and the cfdpo version) matches; checkpoints of another identity are dropped.
 
 On CPU the trainer keeps TRL's loss and loop but its forward is cheaper (`cfdpo.cpu_kernels`).
+
+Validation-driven training (`dpo.auto`, given a plan by the pipeline): at least `dpo.min_steps`
+steps, a validation curve in `train_log.json` (`validation`, `best_step`, `auto`), the best validated
+step's adapter published instead of the last, an early stop (`cfdpo.validation`). Its state is saved
+with each checkpoint, so a resumed run continues the curve.
 """
 
 from __future__ import annotations
@@ -23,12 +28,16 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cfdpo import cpu_kernels, dist
 from cfdpo.errors import CfdpoError
 from cfdpo.runio import recover_dir, replace_dir, write_json
 from cfdpo.runtime import bf16_supported, train_dtype
 from cfdpo.spec import DPOSpec
+
+if TYPE_CHECKING:
+    from cfdpo.validation import ValidationPlan
 
 PAIR_COLUMNS = ["prompt", "chosen", "rejected"]
 IDENTITY = "identity.json"  # in an adapter's folder: what it was trained from (`adapter_identity`)
@@ -99,6 +108,15 @@ def _publish(trainer, tmp: Path, out: Path, merge: bool, extra_log: dict) -> Pat
     return out
 
 
+def _use_best(trainer, callback) -> None:
+    """The best validated step's adapter weights into the model that is saved (rank 0 saves it)."""
+    from peft import set_peft_model_state_dict
+
+    weights = callback.best_weights() if dist.is_main() else None
+    if weights is not None:
+        set_peft_model_state_dict(trainer.model, weights)
+
+
 def _check_not_all_dropped(trainer, spec: DPOSpec, n: int) -> None:
     if len(trainer.train_dataset) == 0:
         raise CfdpoError(f"dpo.max_length: all {n} examples are longer than {spec.max_length} tokens and were dropped; "
@@ -164,11 +182,29 @@ def last_checkpoint(work: Path) -> str | None:
     return str(max(found)[1]) if found else None
 
 
+def _validate_with(trainer, plan: ValidationPlan, tokenizer, work: Path, resume_from: str | None):
+    """dpo.auto: the step budget, and the validation callback (not under ZeRO-3 / FSDP, where no process
+    holds the whole model to answer with)."""
+    from cfdpo.validation import ValidationCallback, step_budget
+
+    args = trainer.args
+    args.max_steps = step_budget(args.num_train_epochs, len(trainer.train_dataset), args.per_device_train_batch_size,
+                                 args.gradient_accumulation_steps, args.world_size, plan.min_steps)
+    if dist.sharded_weights():
+        return None
+    callback = ValidationCallback(plan, tokenizer, work, trainer.accelerator.autocast, resume_from)
+    trainer.add_callback(callback)
+    return callback
+
+
 def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: str | Path, merge: bool,
-           trust_remote_code: bool, dtype: str, make_trainer, kernels: cpu_kernels.CpuKernels | None) -> Path:
+           trust_remote_code: bool, dtype: str, make_trainer, kernels: cpu_kernels.CpuKernels | None,
+           validation: ValidationPlan | None = None) -> Path:
     """Shared by DPO and SFT: skip a current adapter, resume from checkpoints, publish atomically.
 
-    `make_trainer(model, tokenizer, common_args)` returns (trainer, number of examples).
+    `make_trainer(model, tokenizer, common_args)` returns (trainer, number of examples). With a
+    `validation` plan (`cfdpo.validation`), the step budget is raised to its min_steps and the
+    adapter published is the best validated step's.
     """
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
@@ -196,11 +232,16 @@ def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: st
         cpu_kernels.apply(trainer, kernels)
         _quiet(trainer)
         _check_not_all_dropped(trainer, spec, n)
-        result = trainer.train(resume_from_checkpoint=last_checkpoint(work))
+        resume_from = last_checkpoint(work)
+        callback = _validate_with(trainer, validation, tok, work, resume_from) if validation else None
+        result = trainer.train(resume_from_checkpoint=resume_from)
         count_key = "pairs" if kind == "dpo" else "examples"
-        return _finish(trainer, tmp, out, merge, {"kind": kind, "train_runtime": result.metrics.get("train_runtime"),
-                                                  count_key: n, "pairs_sha256": fingerprint,
-                                                  "spec": spec.model_dump(mode="json"), "identity": identity})
+        extra_log = {"kind": kind, "train_runtime": result.metrics.get("train_runtime"), count_key: n,
+                     "pairs_sha256": fingerprint, "spec": spec.model_dump(mode="json"), "identity": identity}
+        if callback is not None:
+            _use_best(trainer, callback)
+            extra_log.update(callback.log(trainer.args.max_steps))
+        return _finish(trainer, tmp, out, merge, extra_log)
     finally:
         if dist.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -209,9 +250,11 @@ def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: st
 def train_dpo(
     model_path: str, pairs_dataset, spec: DPOSpec, out_dir: str | Path, merge: bool = False,
     trust_remote_code: bool = False, dtype: str | None = None, kernels: cpu_kernels.CpuKernels | None = None,
+    validation: ValidationPlan | None = None,
 ) -> Path:
     """Train a LoRA adapter with DPO on a conversational preference dataset; returns the adapter dir.
-    `kernels` chooses cfdpo's CPU training kernels (default: all that apply)."""
+    `kernels` chooses cfdpo's CPU training kernels (default: all that apply); `validation` (a
+    `cfdpo.validation.ValidationPlan`) turns on validation-driven training (`dpo.auto`)."""
 
     def make(model, tok, common):
         from trl import DPOConfig, DPOTrainer
@@ -225,12 +268,14 @@ def train_dpo(
             raise CfdpoError(f"dpo: {str(e).splitlines()[0]}") from None
         return trainer, len(ds)
 
-    return _train("dpo", model_path, pairs_dataset, spec, out_dir, merge, trust_remote_code, dtype, make, kernels)
+    return _train("dpo", model_path, pairs_dataset, spec, out_dir, merge, trust_remote_code, dtype, make, kernels,
+                  validation)
 
 
 def train_sft(
     model_path: str, pairs_dataset, spec: DPOSpec, out_dir: str | Path, merge: bool = False,
     trust_remote_code: bool = False, dtype: str | None = None, kernels: cpu_kernels.CpuKernels | None = None,
+    validation: ValidationPlan | None = None,
 ) -> Path:
     """Context-distillation baseline: SFT on (control prompt -> chosen answer), same LoRA budget."""
 
@@ -245,4 +290,5 @@ def train_sft(
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora_config(spec))
         return trainer, len(ds)
 
-    return _train("sft", model_path, pairs_dataset, spec, out_dir, merge, trust_remote_code, dtype, make, kernels)
+    return _train("sft", model_path, pairs_dataset, spec, out_dir, merge, trust_remote_code, dtype, make, kernels,
+                  validation)
