@@ -93,7 +93,7 @@ def test_default_validation_takes_what_the_set_has_left_and_an_explicit_size_mus
 
 
 def test_validation_size_must_be_smaller_than_train_size():
-    from cfdpo.spec import parse_recipe
+    from cfdpo.recipe import parse_recipe
 
     data = {"behaviour": {"name": "x", "treatment": "Be brief.", "scorer": {"name": "length", "desired": "lower"}},
             "variants": ["enc"], "prompts": {"train_size": 8, "validation_size": 8}}

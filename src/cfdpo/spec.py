@@ -377,30 +377,6 @@ class EvalSpec(_Strict):
         return value
 
 
-# The tracking integrations whose package is not named like the integration: (module, package to install);
-# None: the integration needs no package (kubeflow reads its server from the environment).
-TRACKER_PACKAGES: dict[str, tuple[str, str] | None] = {
-    "azure_ml": ("azureml", "azureml-core"), "comet_ml": ("comet_ml", "comet-ml"), "flyte": ("flytekit", "flytekit"),
-    "mlflow": ("mlflow", "mlflow-skinny"), "kubeflow": None,
-}
-
-
-def _check_trackers(names: list[str]) -> None:
-    """Raise ValueError unless every name is a tracking integration of transformers whose package is installed."""
-    import importlib.util
-
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-    for name in names:
-        if name not in INTEGRATION_TO_CALLBACK:
-            raise ValueError(f"'{name}' is not a tracking integration; expected some of: {', '.join(INTEGRATION_TO_CALLBACK)}")
-        if names.count(name) > 1:
-            raise ValueError(f"'{name}' is listed twice")
-        needs = TRACKER_PACKAGES.get(name, (name, name))
-        if needs is not None and importlib.util.find_spec(needs[0]) is None:
-            raise ValueError(f"'{name}' needs the {needs[1]} package: pip install {needs[1]}")
-
-
 class TrackingSpec(_Strict):
     report_to: list[str] = Field(
         default_factory=list,
@@ -422,5 +398,7 @@ class TrackingSpec(_Strict):
     @classmethod
     def _known_trackers(cls, value: list[str]) -> list[str]:
         if value:  # transformers is imported only for a recipe that asks for tracking
-            _check_trackers(value)
+            from cfdpo.tracking import check_trackers
+
+            check_trackers(value)
         return value

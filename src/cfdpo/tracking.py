@@ -35,6 +35,30 @@ from cfdpo.errors import CfdpoError
 from cfdpo.runio import read_json, write_json
 from cfdpo.spec import TrackingSpec
 
+# The tracking integrations whose package is not named like the integration: (module, package to install);
+# None: the integration needs no package (kubeflow reads its server from the environment).
+TRACKER_PACKAGES: dict[str, tuple[str, str] | None] = {
+    "azure_ml": ("azureml", "azureml-core"), "comet_ml": ("comet_ml", "comet-ml"), "flyte": ("flytekit", "flytekit"),
+    "mlflow": ("mlflow", "mlflow-skinny"), "kubeflow": None,
+}
+
+
+def check_trackers(names: list[str]) -> None:
+    """Raise ValueError unless every name is a tracking integration of transformers whose package is installed."""
+    import importlib.util
+
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ValueError(f"'{name}' is not a tracking integration; expected some of: {', '.join(INTEGRATION_TO_CALLBACK)}")
+        if names.count(name) > 1:
+            raise ValueError(f"'{name}' is listed twice")
+        needs = TRACKER_PACKAGES.get(name, (name, name))
+        if needs is not None and importlib.util.find_spec(needs[0]) is None:
+            raise ValueError(f"'{name}' needs the {needs[1]} package: pip install {needs[1]}")
+
+
 STATE = "tracking.json"  # in the run directory: {"mlflow_run_id": ...}
 ENVIRONMENT = (  # set while tracking (mlflow.set_experiment sets MLFLOW_EXPERIMENT_ID), restored after
     "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_TRACKING_URI", "MLFLOW_TAGS", "TENSORBOARD_LOGGING_DIR",
