@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from cfdpo import counterfactual, stats, variants
+from cfdpo import counterfactual, scorecard, stats, variants
 from cfdpo.backends.transformers import TransformersGenerator
 from cfdpo.capability import kl_prompt_rows, kl_summary, mcq_summary, sample_answer_ids
 from cfdpo.errors import CfdpoError
@@ -35,7 +35,7 @@ from cfdpo.generate import GenParams, row_key, run_generation
 from cfdpo.likelihood import answer_token_logprobs, load_mcq, mcq_accuracy, mean_nll
 from cfdpo.runio import JsonlLog, read_json, write_json
 from cfdpo.runtime import resolve_dtype
-from cfdpo.scorecard import Condition, condition_entry, condition_prompts, drift, plan_conditions
+from cfdpo.scorecard import Condition
 from cfdpo.scorers import make_scorer
 from cfdpo.scorers.base import words
 from cfdpo.spec import Behaviour, LmEvalSpec, Recipe
@@ -247,10 +247,12 @@ def score_answers(models: EvalModels, rows_by: dict[tuple[str, str], list[dict]]
             main = [r for r in scored[(label, cond.name)] if not r["sampled"]]
             if cond.name in LEGACY_CONDITIONS:
                 entry[cond.name] = summarise([r["answer"] for r in main], [r["score"] for r in main])
-        entry["conditions"] = {cond.name: condition_entry(cond, per_prompt[(label, cond.name)],
+        entry["conditions"] = {cond.name: scorecard.condition_entry(cond, per_prompt[(label, cond.name)],
                                                           per_prompt[("base", cond.name)], seed)
                                for cond in conditions}
-        entry["drift"] = drift([r["answer"] for r in scored[(label, "control")] if not r["sampled"]])
+        entry["groups"] = scorecard.group_entries(conditions, {c.name: per_prompt[(label, c.name)] for c in conditions},
+                                        {c.name: per_prompt[("base", c.name)] for c in conditions}, seed)
+        entry["drift"] = scorecard.drift([r["answer"] for r in scored[(label, "control")] if not r["sampled"]])
         entries[label] = entry
     return entries
 
@@ -351,6 +353,7 @@ def assemble_metrics(recipe: Recipe, scorer, conditions: list[Condition], prompt
         "scorecard": {
             "conditions": [{"name": c.name, "kind": c.kind, "instruction": " / ".join(c.instructions) or None,
                             "placement": c.placement, "n_prompts": len(prompts_by[c.name])} for c in conditions],
+            "instruction_of": scorecard.primary_instruction(conditions),
             "samples_per_prompt": recipe.evaluation.samples_per_prompt,
             "kl_prompts": len(kl_prompt_rows(recipe)),
         },
@@ -366,8 +369,8 @@ def evaluate_run(run_dir: str | Path, recipe: Recipe, model_path: str, eval_prom
     scorer = make_scorer(b.scorer.name, b.scorer.params)
     if ev.lm_eval:
         lm_eval_check(ev.lm_eval)
-    conditions = plan_conditions(recipe)
-    prompts_by = {cond.name: condition_prompts(cond, eval_prompts, ev.subset_size) for cond in conditions}
+    conditions = scorecard.plan_conditions(recipe)
+    prompts_by = {cond.name: scorecard.condition_prompts(cond, eval_prompts, ev.subset_size) for cond in conditions}
     plan = AnswerPlan(params=GenParams(ev.max_new_tokens, ev.temperature, ev.top_p),
                       seed=gen.seed if ev.temperature > 0 else 0,  # greedy answers do not depend on the seed
                       samples=ev.samples_per_prompt,

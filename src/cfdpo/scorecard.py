@@ -127,6 +127,40 @@ def condition_entry(condition: Condition, per_prompt: dict[str, float], base_per
     return entry
 
 
+def primary_instruction(conditions: list[Condition]) -> str:
+    """The instruction the scorecard's headline follows: the negative one when trained, else the treatment."""
+    return "negative" if any(c.kind == "negative" for c in conditions) else "treatment"
+
+
+def pooled(per_prompt_by_condition: list[dict[str, float]]) -> dict[str, float]:
+    """{prompt id: mean over the conditions that scored it} (one value per prompt for a group of conditions)."""
+    values: dict[str, list[float]] = {}
+    for per_prompt in per_prompt_by_condition:
+        for pid, value in per_prompt.items():
+            values.setdefault(pid, []).append(value)
+    return {pid: sum(v) / len(v) for pid, v in values.items()}
+
+
+def group_entries(conditions: list[Condition], per_prompt: dict[str, dict[str, float]],
+                  base_per_prompt: dict[str, dict[str, float]], seed: int = 0) -> dict:
+    """The scorecard's groups for one model: under the primary instruction (`primary_instruction`), its
+    held-out paraphrases pooled and its other placements pooled (per prompt: the mean over the group's
+    conditions), each with `stats.summary` and `stats.paired` vs base; {"instruction_of", "paraphrase",
+    "placement"}, a group None when the recipe has none."""
+    which = primary_instruction(conditions)
+    groups: dict = {"instruction_of": which}
+    for kind in ("paraphrase", "placement"):
+        names = [c.name for c in conditions if c.kind == kind and c.instruction_of == which]
+        if not names:
+            groups[kind] = None
+            continue
+        model = pooled([per_prompt[name] for name in names])
+        base = pooled([base_per_prompt[name] for name in names])
+        groups[kind] = {"conditions": names, **stats.summary(model, seed=seed),
+                        "vs_base": stats.paired(model, base, seed=seed)}
+    return groups
+
+
 # --- drift: length and degenerate answers ---
 
 REPEAT_COPIES = 3  # a span of words occurring this many times in a row ...
