@@ -44,17 +44,25 @@ def test_batched_answer_logprobs_match_direct(loaded):
         assert got == pytest.approx(direct_logprobs(model, tok, conv, answer), abs=1e-4)
 
 
-def test_sampled_answer_ids_stop_at_end_of_turn(loaded):
+def test_sampled_answer_ids_are_seeded(loaded):
     model, tok = loaded
     params = GenParams(max_new_tokens=6, temperature=1.0, top_p=1.0)
     ids = sample_answer_ids(model, tok, CONVS, params, seed=3, batch_size=2)
-    assert ids == sample_answer_ids(model, tok, CONVS, params, seed=3, batch_size=2)  # seeded
-    for answer in ids:
-        assert 1 <= len(answer) <= 6
-        if tok.eos_token_id in answer:  # ended by itself: the end-of-turn token is the last one
-            assert answer.index(tok.eos_token_id) == len(answer) - 1
-        else:
-            assert len(answer) == 6  # cut off: nothing after the last sampled token
+    assert ids == sample_answer_ids(model, tok, CONVS, params, seed=3, batch_size=2)
+    assert all(1 <= len(answer) <= 6 for answer in ids)
+
+
+def test_sampled_answer_ids_keep_end_of_turn_only_when_the_answer_ended(loaded, monkeypatch):
+    import torch
+
+    from cfdpo.backends import transformers as backend
+
+    model, tok = loaded
+    eos = tok.eos_token_id
+    decoded = torch.tensor([[5, 6, eos, eos, eos, eos], [5, 6, 7, 8, 9, 10]])  # one ended, one cut off
+    monkeypatch.setattr(backend, "decode", lambda *args: decoded)
+    ids = sample_answer_ids(model, tok, CONVS[:2], GenParams(6, 1.0, 1.0), seed=0, batch_size=2)
+    assert ids == [[5, 6, eos], [5, 6, 7, 8, 9, 10]]
 
 
 def test_kl_of_a_model_with_itself_is_zero_and_of_another_is_positive(loaded):
@@ -84,9 +92,9 @@ def test_kl_of_a_model_with_itself_is_zero_and_of_another_is_positive(loaded):
 def test_kl_prompts_avoid_the_recipes_train_and_eval_prompts():
     recipe = Recipe.model_validate({
         "behaviour": {"name": "x", "negative": "Talk like a pirate.", "scorer": {"name": "length", "desired": "lower"}},
-        "prompts": {"source": "general", "train_size": 20, "eval_size": 10, "seed": 2},
-        "variants": ["negation"], "evaluation": {"kl_prompts": 12}})
+        "prompts": {"source": "general", "train_size": 200, "eval_size": 100, "seed": 2},
+        "variants": ["negation"], "evaluation": {"kl_prompts": 30}})
     rows = kl_prompt_rows(recipe)
-    train, held_out = split(load_prompts("general"), 20, 10, 2)
-    assert len(rows) == 12
+    train, held_out = split(load_prompts("general"), 200, 100, 2)
+    assert len(rows) == 30
     assert not {r["id"] for r in rows} & {r["id"] for r in train + held_out}
