@@ -1,9 +1,17 @@
-"""Evaluation on held-out prompts: behaviour score, answer length and capability retention.
+"""Evaluation on held-out prompts: the scorecard (behaviour under every condition, in-scope retention,
+capability, drift) plus today's per-model summaries.
 
 Models: `base`, `prompted` (the base model given the treatment instruction; for a negative-only
 behaviour, the base model with the negative instruction removed) and every trained adapter found
-under `adapters/`. Each answers the held-out prompts under the control prompt and, where the
-behaviour has one, under the negative prompt. `nll_ratio` is the mean per-token NLL of the base
+under `adapters/`. Each answers every condition of `scorecard.plan_conditions(recipe)` on that
+condition's prompts (`scorecard.condition_prompts`): one answer per prompt at `evaluation.temperature`
+(greedy by default) and `evaluation.samples_per_prompt` more at `generation.temperature` / `top_p`,
+seeded with `generation.seed`. A prompt's score is the mean over its answers; per condition the
+model gets `stats.summary` over prompts and `stats.paired` against base, in-scope conditions also a
+retention (`scorecard.retention`), and the paraphrase and placement conditions of the headline
+instruction are pooled per prompt (`scorecard.group_entries`). `drift` covers the main control answers.
+`capability` holds KL(base || model) on base's sampled answers (see `cfdpo.capability`) and the MCQ
+accuracy with its standard error. `nll_ratio` (secondary) is the mean per-token NLL of the base
 model's held-out control answers under a model divided by the base model's own.
 
 With `evaluation.mcq`, every model also answers the builtin multiple-choice set by option
@@ -15,7 +23,8 @@ through lm-eval's own harness (the loaded model handed to its `HFLM`; `prompted`
 as lm-eval's system instruction); each task's metrics go to `lm_eval` in metrics.json, cached in
 `eval/lm_eval.json`. Hub tasks need a hub; tasks in `include_path` YAML files run offline.
 
-Answers are cached in `eval/answers.jsonl` (same keys and resume rules as generation).
+Answers are cached in `eval/answers.jsonl` (same keys and resume rules as generation; sampled rows
+carry `"sampled": true`), the KL answers and log-probs in `eval/kl.json` and `eval/kl_logprobs.json`.
 """
 
 from __future__ import annotations
