@@ -56,7 +56,7 @@ def test_pipeline_end_to_end_tiny_model(tiny_model, tmp_path, capsys):
         assert entry["nll_ratio"] > 0
     assert m["models"]["base"]["nll_ratio"] == 1.0
     ev = read_jsonl(run / "eval" / "answers.jsonl")
-    assert len(ev) == 4 * 2 * 3  # models x conditions x held-out prompts
+    assert len(ev) == 4 * 7 * 3  # models x scorecard conditions (control, treatment, negative, 2 x 2 placements) x prompts
     assert not {r["prompt_id"] for r in ev} & {r["prompt_id"] for r in rows}
 
     assert main(["report", str(run)]) == 0

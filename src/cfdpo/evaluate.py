@@ -1,9 +1,17 @@
-"""Evaluation on held-out prompts: behaviour score, answer length and capability retention.
+"""Evaluation on held-out prompts: the scorecard (behaviour under every condition, in-scope retention,
+capability, drift) plus today's per-model summaries.
 
 Models: `base`, `prompted` (the base model given the treatment instruction; for a negative-only
 behaviour, the base model with the negative instruction removed) and every trained adapter found
-under `adapters/`. Each answers the held-out prompts under the control prompt and, where the
-behaviour has one, under the negative prompt. `nll_ratio` is the mean per-token NLL of the base
+under `adapters/`. Each answers every condition of `scorecard.plan_conditions(recipe)` on that
+condition's prompts (`scorecard.condition_prompts`): one answer per prompt at `evaluation.temperature`
+(greedy by default) and `evaluation.samples_per_prompt` more at `generation.temperature` / `top_p`,
+seeded with `generation.seed`. A prompt's score is the mean over its answers; per condition the
+model gets `stats.summary` over prompts and `stats.paired` against base, in-scope conditions also a
+retention (`scorecard.retention`), and the paraphrase and placement conditions of the headline
+instruction are pooled per prompt (`scorecard.group_entries`). `drift` covers the main control answers.
+`capability` holds KL(base || model) on base's sampled answers (see `cfdpo.capability`) and the MCQ
+accuracy with its standard error. `nll_ratio` (secondary) is the mean per-token NLL of the base
 model's held-out control answers under a model divided by the base model's own.
 
 With `evaluation.mcq`, every model also answers the builtin multiple-choice set by option
@@ -15,7 +23,8 @@ through lm-eval's own harness (the loaded model handed to its `HFLM`; `prompted`
 as lm-eval's system instruction); each task's metrics go to `lm_eval` in metrics.json, cached in
 `eval/lm_eval.json`. Hub tasks need a hub; tasks in `include_path` YAML files run offline.
 
-Answers are cached in `eval/answers.jsonl` (same keys and resume rules as generation).
+Answers are cached in `eval/answers.jsonl` (same keys and resume rules as generation; sampled rows
+carry `"sampled": true`), the KL answers and log-probs in `eval/kl.json` and `eval/kl_logprobs.json`.
 """
 
 from __future__ import annotations
@@ -23,33 +32,42 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from cfdpo import counterfactual, variants
+from cfdpo import counterfactual, scorecard, stats, variants
 from cfdpo.backends.transformers import TransformersGenerator
+from cfdpo.capability import kl_prompt_rows, kl_summary, mcq_summary, sample_answer_ids
 from cfdpo.errors import CfdpoError
-from cfdpo.generate import GenParams, plan_rows, run_generation
-from cfdpo.likelihood import load_mcq, mcq_accuracy, mean_nll
+from cfdpo.generate import GenParams, row_key, run_generation
+from cfdpo.likelihood import answer_token_logprobs, load_mcq, mcq_accuracy, mean_nll
 from cfdpo.recipe import Recipe
 from cfdpo.runio import JsonlLog, read_json, write_json
 from cfdpo.runtime import resolve_dtype
+from cfdpo.scorecard import Condition
 from cfdpo.scorers import make_scorer
 from cfdpo.scorers.base import words
 from cfdpo.spec import Behaviour, LmEvalSpec
 
+LEGACY_CONDITIONS = ("control", "negative")  # summarised under their own key per model, as before the scorecard
 
-def prompted_messages(prompt: str, condition: str, b: Behaviour) -> list[dict]:
-    """The 'teacher': the instruction given at inference time."""
+
+def prompted_messages(prompt: str, condition: Condition, b: Behaviour, prompt_id: str | None = None,
+                      seed: int = 0) -> list[dict]:
+    """The 'teacher': the condition's conversation with the treatment instruction added (the one
+    `Behaviour.instruction_for` draws for the prompt when there are several); for a negative-only
+    behaviour, the conversation without the condition's instruction."""
     if b.treatment is None:  # negative-only behaviour: the ideal is the prompt without the bad instruction
-        return counterfactual.messages(prompt, "control", b)
-    if condition == "control":
-        return counterfactual.messages(prompt, "treatment", b)
-    msgs = counterfactual.messages(prompt, "negative", b)
-    if b.placement == "system":
-        msgs[0] = {"role": "system", "content": f"{b.treatment}\n\n{msgs[0]['content']}"}
+        return counterfactual.conversation(prompt, None, condition.placement, condition.system_prompt)
+    treatment = b.instruction_for("treatment", prompt_id, seed)
+    if not condition.instructions:
+        return counterfactual.conversation(prompt, treatment, b.placement, condition.system_prompt)
+    msgs = condition.messages(prompt, prompt_id, seed)
+    if condition.placement == "system":
+        msgs[0] = {"role": "system", "content": f"{treatment}\n\n{msgs[0]['content']}"}
     else:
-        msgs[-1] = {"role": "user", "content": f"{b.treatment}\n\n{msgs[-1]['content']}"}
+        msgs[-1] = {"role": "user", "content": f"{treatment}\n\n{msgs[-1]['content']}"}
     return msgs
 
 
@@ -136,7 +154,8 @@ class EvalModels:
 
     def instruction(self, label: str) -> str | None:
         """The instruction the model gets before a multiple-choice question or an lm-eval task."""
-        return self.recipe.behaviour.treatment if label == "prompted" else None
+        treatments = self.recipe.behaviour.treatments()
+        return treatments[0] if label == "prompted" and treatments else None
 
     def load(self) -> tuple:
         """(model, tokenizer): the base model in the evaluation dtype with every adapter on it, loaded once."""
@@ -175,43 +194,81 @@ class EvalModels:
         return TransformersGenerator(model), tok
 
 
-def plan_answers(models: EvalModels, conditions: list[str], eval_prompts: list[dict], params: GenParams,
-                 seed: int) -> dict[tuple[str, str], list[dict]]:
-    """The answer rows of every (model label, condition): one answer per held-out prompt; the
-    `prompted` model's rows carry the instruction (`prompted_messages`) and their own keys."""
+@dataclass(frozen=True)
+class AnswerPlan:
+    """How evaluation answers are drawn: one answer per prompt with `params` (greedy unless
+    `evaluation.temperature` is set) and `samples` more at `sample_params`, seeded with `sample_seed`."""
+
+    params: GenParams
+    seed: int
+    samples: int
+    sample_params: GenParams
+    sample_seed: int
+    draw_seed: int  # the seed paraphrase lists are drawn with (the recipe's generation seed, as in training)
+
+
+def condition_rows(models: EvalModels, label: str, cond: Condition, prompts: list[dict], plan: AnswerPlan) -> list[dict]:
+    """The answer rows of one model under one condition: the main answer of each prompt, then its samples."""
     b = models.recipe.behaviour
-    rows_by = {}
-    for label in models.labels:
-        for cond in conditions:
-            rows = plan_rows(eval_prompts, [cond], b, 1, models.model_name(label), params, seed,
-                             extra={"model_label": label})
-            if label == "prompted":
-                for r in rows:
-                    r["messages"] = prompted_messages(r["prompt"], cond, b)
-                    r["key"] = r["key"] + "p"
-            rows_by[(label, cond)] = rows
-    return rows_by
+    rows = []
+    for p in prompts:
+        if label == "prompted":
+            msgs = prompted_messages(p["prompt"], cond, b, p["id"], plan.draw_seed)
+        else:
+            msgs = cond.messages(p["prompt"], p["id"], plan.draw_seed)
+        draws = [(plan.params, 0, plan.seed, False)]
+        draws += [(plan.sample_params, s, plan.sample_seed, True) for s in range(plan.samples)]
+        for params, sample, seed, sampled in draws:
+            key = row_key(models.model_name(label), msgs, params, sample, seed) + ("p" if label == "prompted" else "")
+            rows.append({"key": key, "prompt_id": p["id"], "prompt": p["prompt"], "condition": cond.name,
+                         "sample": sample, "sampled": sampled, "messages": msgs, "model": models.model_name(label),
+                         "gen": params.as_dict(), "seed": seed, "model_label": label})
+    return rows
 
 
-def decode_answers(models: EvalModels, rows_by: dict[tuple[str, str], list[dict]], conditions: list[str],
-                   log: JsonlLog, batch_size: int, seed: int) -> dict[str, dict]:
+def plan_answers(models: EvalModels, conditions: list[Condition], prompts_by: dict[str, list[dict]],
+                 plan: AnswerPlan) -> dict[tuple[str, str], list[dict]]:
+    """The answer rows of every (model label, condition name) on that condition's prompts; the
+    `prompted` model's rows carry the treatment instruction (`prompted_messages`) and their own keys."""
+    return {(label, cond.name): condition_rows(models, label, cond, prompts_by[cond.name], plan)
+            for label in models.labels for cond in conditions}
+
+
+def decode_answers(models: EvalModels, rows_by: dict[tuple[str, str], list[dict]], log: JsonlLog, batch_size: int,
+                   plan: AnswerPlan) -> dict[str, dict]:
     """Generate the rows not yet in `log`, model by model; returns every row with its answer, by key."""
     for label in models.labels:
+        rows = [r for (row_label, _), planned in rows_by.items() if row_label == label for r in planned]
         # every condition of one model in the same batches: fewer, fuller decode steps
-        run_generation([r for cond in conditions for r in rows_by[(label, cond)]], log, partial(models.generator, label),
-                       batch_size=batch_size, seed=seed, label=f"eval {label}")
+        for sampled, seed in ((False, plan.seed), (True, plan.sample_seed)):
+            run_generation([r for r in rows if r["sampled"] == sampled], log, partial(models.generator, label),
+                           batch_size=batch_size, seed=seed, label=f"eval {label}")
     return {r["key"]: r for r in log.rows}
 
 
-def score_answers(models: EvalModels, rows_by: dict[tuple[str, str], list[dict]], conditions: list[str],
-                  done: dict[str, dict], scorer) -> dict[str, dict]:
-    """Per model label and condition: the behaviour score and length of its answers."""
+def score_answers(models: EvalModels, rows_by: dict[tuple[str, str], list[dict]], conditions: list[Condition],
+                  done: dict[str, dict], scorer, seed: int = 0) -> dict[str, dict]:
+    """Per model label: today's summary of its main answers under control and negative, every
+    condition's statistics (`scorecard.condition_entry`, vs base) and the drift of its control answers."""
+    scored = {}
+    for key, rows in rows_by.items():
+        answers = [done[r["key"]]["answer"] for r in rows]
+        scored[key] = [{**r, "answer": a, "score": s} for r, a, s in zip(rows, answers, scorer.score_many(answers))]
+    per_prompt = {key: stats.per_prompt_means(rows, "score") for key, rows in scored.items()}
     entries = {}
     for label in models.labels:
-        entries[label] = {}
+        entry = {}
         for cond in conditions:
-            answers = [done[r["key"]]["answer"] for r in rows_by[(label, cond)]]
-            entries[label][cond] = summarise(answers, scorer.score_many(answers))
+            main = [r for r in scored[(label, cond.name)] if not r["sampled"]]
+            if cond.name in LEGACY_CONDITIONS:
+                entry[cond.name] = summarise([r["answer"] for r in main], [r["score"] for r in main])
+        entry["conditions"] = {cond.name: scorecard.condition_entry(cond, per_prompt[(label, cond.name)],
+                                                          per_prompt[("base", cond.name)], seed)
+                               for cond in conditions}
+        entry["groups"] = scorecard.group_entries(conditions, {c.name: per_prompt[(label, c.name)] for c in conditions},
+                                        {c.name: per_prompt[("base", c.name)] for c in conditions}, seed)
+        entry["drift"] = scorecard.drift([r["answer"] for r in scored[(label, "control")] if not r["sampled"]])
+        entries[label] = entry
     return entries
 
 
@@ -219,13 +276,40 @@ def answer_nlls(models: EvalModels, rows_by: dict[tuple[str, str], list[dict]], 
                 batch_size: int) -> dict[str, float]:
     """Per model label: the mean NLL of the base model's control answers, each given the conversation
     that model answered under the control condition."""
-    base_answers = [done[r["key"]]["answer"] for r in rows_by[("base", "control")]]
+    base_rows = [r for r in rows_by[("base", "control")] if not r["sampled"]]
+    base_answers = [done[r["key"]]["answer"] for r in base_rows]
     nlls = {}
     for label in models.labels:
         model, tok = models.use(label)
-        convs = [r["messages"] for r in rows_by[(label, "control")]]
+        convs = [r["messages"] for r in rows_by[(label, "control")] if not r["sampled"]]
         nlls[label] = mean_nll(model, tok, convs, base_answers, batch_size=batch_size)
     return nlls
+
+
+def kl_results(models: EvalModels, path: Path, plan: AnswerPlan, batch_size: int) -> dict[str, dict]:
+    """Per model label: KL(base || model) on base's sampled answers to the KL prompts (`capability`);
+    base's answers and every model's log-probs of them are cached in `path`."""
+    b = models.recipe.behaviour
+    rows = kl_prompt_rows(models.recipe)
+    if not rows:
+        return {label: kl_summary([], []) for label in models.labels}
+    convs = [counterfactual.conversation(r["prompt"], None, b.placement, b.system_prompt) for r in rows]
+    answers_key = hashlib.sha256(json.dumps([models.base_id, convs, plan.sample_params.as_dict(), plan.sample_seed])
+                                 .encode()).hexdigest()[:24]
+    cache = read_json(path) if path.is_file() else {}
+    if cache.get("answers_key") != answers_key:
+        model, tok = models.use("base")
+        cache = {"answers_key": answers_key,
+                 "answer_ids": sample_answer_ids(model, tok, convs, plan.sample_params, plan.sample_seed, batch_size)}
+        write_json(path, cache)
+    answer_ids = cache["answer_ids"]
+
+    def logprobs(model, tok, instruction):
+        given = [counterfactual.conversation(r["prompt"], instruction, b.placement, b.system_prompt) for r in rows]
+        return {"logprobs": answer_token_logprobs(model, tok, given, answer_ids, batch_size)}
+
+    lps = cached_per_model(path.with_name(path.stem + "_logprobs.json"), models, answers_key, logprobs)
+    return {label: kl_summary(lps["base"]["logprobs"], lps[label]["logprobs"]) for label in models.labels}
 
 
 def cached_per_model(path: Path, models: EvalModels, inputs, compute: Callable[..., dict]) -> dict[str, dict]:
@@ -256,48 +340,66 @@ def lm_eval_results(models: EvalModels, path: Path, spec: LmEvalSpec, batch_size
                             lambda model, tok, instruction: lm_eval_scores(model, tok, spec, instruction, batch_size))
 
 
-def assemble_metrics(recipe: Recipe, scorer, conditions: list[str], eval_prompts: list[dict], entries: dict[str, dict],
-                     nlls: dict[str, float], mcq: dict[str, dict] | None, lm_eval: dict[str, dict] | None) -> dict:
-    """metrics.json: per model label its scores per condition, NLL and NLL ratio to the base model,
-    and the multiple-choice and lm-eval results where asked for."""
+def assemble_metrics(recipe: Recipe, scorer, conditions: list[Condition], prompts_by: dict[str, list[dict]],
+                     entries: dict[str, dict], nlls: dict[str, float], kl: dict[str, dict], mcq: dict[str, dict] | None,
+                     lm_eval: dict[str, dict] | None) -> dict:
+    """metrics.json: per model label its scores per condition (today's `control` / `negative` summaries
+    and the scorecard's `conditions`), drift, NLL and NLL ratio to the base model, `capability` (KL,
+    MCQ) and the lm-eval results where asked for; `scorecard` lists the conditions."""
     b = recipe.behaviour
+    legacy = [cond.name for cond in conditions if cond.name in LEGACY_CONDITIONS]
+    eval_prompts = prompts_by["control"]
     models = {}
     for label, entry in entries.items():
         entry = {**entry, "nll": nlls[label], "nll_ratio": nlls[label] / nlls["base"] if nlls["base"] else None}
+        mcq_stats = mcq_summary(mcq[label]["accuracy"], mcq[label]["n"]) if mcq is not None else mcq_summary(None, 0)
         if mcq is not None:
             entry.update(mcq_accuracy=mcq[label]["accuracy"], mcq_accuracy_norm=mcq[label]["accuracy_norm"],
                          mcq_n=mcq[label]["n"])
+        entry["capability"] = {**kl[label], **mcq_stats}
         if lm_eval is not None:
             entry["lm_eval"] = lm_eval[label]
         models[label] = entry
     return {
         "behaviour": {"name": b.name, "scorer": b.scorer.name, "desired": b.scorer.desired, "unit": scorer.unit},
-        "conditions": conditions,
+        "conditions": legacy,
         "n_eval_prompts": len(eval_prompts),
         "eval_prompt_ids": [p["id"] for p in eval_prompts],
+        "scorecard": {
+            "conditions": [{"name": c.name, "kind": c.kind, "instruction": " / ".join(c.instructions) or None,
+                            "placement": c.placement, "n_prompts": len(prompts_by[c.name])} for c in conditions],
+            "instruction_of": scorecard.primary_instruction(conditions),
+            "samples_per_prompt": recipe.evaluation.samples_per_prompt,
+            "kl_prompts": len(kl_prompt_rows(recipe)),
+        },
         "models": models,
     }
 
 
 def evaluate_run(run_dir: str | Path, recipe: Recipe, model_path: str, eval_prompts: list[dict]) -> dict:
-    """Answer, score and measure every model on the held-out prompts; writes and returns metrics.json."""
+    """Answer, score and measure every model under every scorecard condition; writes and returns metrics.json."""
     run = Path(run_dir)
     b = recipe.behaviour
-    ev = recipe.evaluation
+    ev, gen = recipe.evaluation, recipe.generation
     scorer = make_scorer(b.scorer.name, b.scorer.params)
     if ev.lm_eval:
         lm_eval_check(ev.lm_eval)
-    conditions = ["control"] + (["negative"] if b.negative else [])
-    params = GenParams(ev.max_new_tokens, ev.temperature, ev.top_p)
-    seed = recipe.generation.seed if ev.temperature > 0 else 0  # greedy answers do not depend on the seed
+    conditions = scorecard.plan_conditions(recipe)
+    prompts_by = {cond.name: scorecard.condition_prompts(cond, eval_prompts, ev.subset_size) for cond in conditions}
+    plan = AnswerPlan(params=GenParams(ev.max_new_tokens, ev.temperature, ev.top_p),
+                      seed=gen.seed if ev.temperature > 0 else 0,  # greedy answers do not depend on the seed
+                      samples=ev.samples_per_prompt,
+                      sample_params=GenParams(ev.max_new_tokens, gen.temperature, gen.top_p),
+                      sample_seed=gen.seed, draw_seed=gen.seed)
     models = EvalModels(model_path, recipe, find_adapters(run))
 
-    rows_by = plan_answers(models, conditions, eval_prompts, params, seed)
-    done = decode_answers(models, rows_by, conditions, JsonlLog(run / "eval" / "answers.jsonl"), ev.batch_size, seed)
+    rows_by = plan_answers(models, conditions, prompts_by, plan)
+    done = decode_answers(models, rows_by, JsonlLog(run / "eval" / "answers.jsonl"), ev.batch_size, plan)
     entries = score_answers(models, rows_by, conditions, done, scorer)
     nlls = answer_nlls(models, rows_by, done, ev.batch_size)
+    kl = kl_results(models, run / "eval" / "kl.json", plan, ev.batch_size)
     mcq = mcq_results(models, run / "eval" / "mcq.json", ev.mcq_items, ev.batch_size) if ev.mcq else None
     lm_eval = lm_eval_results(models, run / "eval" / "lm_eval.json", ev.lm_eval, ev.batch_size) if ev.lm_eval else None
-    metrics = assemble_metrics(recipe, scorer, conditions, eval_prompts, entries, nlls, mcq, lm_eval)
+    metrics = assemble_metrics(recipe, scorer, conditions, prompts_by, entries, nlls, kl, mcq, lm_eval)
     write_json(run / "metrics.json", metrics)
     return metrics

@@ -166,3 +166,37 @@ def mcq_accuracy(model, tokenizer, items: list[dict], instruction: str | None = 
         hits_norm += int(max(range(n), key=lambda j: norm[j]) == it["answer"])
     n = len(items)
     return {"accuracy": hits / n if n else None, "accuracy_norm": hits_norm / n if n else None, "n": n}
+
+
+def answer_token_logprobs(model, tokenizer, conversations: list[list[dict]], answers: list[list[int]],
+                          batch_size: int = 16) -> list[list[float]]:
+    """The log-prob of each given answer token id, after its conversation's chat template with the
+    generation prompt: one list per answer (empty for an empty answer).
+
+    The answers are token ids as a model produced them (not re-tokenised text), so two models can be
+    compared on exactly the same tokens. Rows are left-padded so only the answers' logits are computed.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    items = []
+    for i, (conv, answer) in enumerate(zip(conversations, answers)):
+        prompt_ids = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=False)
+        prompt_ids = prompt_ids["input_ids"] if isinstance(prompt_ids, dict) else list(prompt_ids)
+        items.append((i, list(prompt_ids) + list(answer), len(answer)))
+    out: list[list[float]] = [[] for _ in answers]
+    todo = sorted((x for x in items if x[2]), key=lambda x: len(x[1]))
+    for b in range(0, len(todo), batch_size):
+        batch = todo[b : b + batch_size]
+        keep = max(x[2] for x in batch) + 1
+        ids, mask = pad_batch([x[1] for x in batch], pad)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                           logits_to_keep=keep).logits.float()
+        logp = torch.log_softmax(logits[:, -keep:-1], dim=-1)  # predicts the last keep-1 tokens
+        picked = logp.gather(-1, ids[:, ids.shape[1] - keep + 1 :].to(device).unsqueeze(-1)).squeeze(-1).cpu()
+        for r, (i, _, n_answer) in enumerate(batch):
+            out[i] = picked[r, picked.shape[1] - n_answer :].tolist()
+    return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cfdpo import stats
 from cfdpo.counterfactual import conversation
 from cfdpo.prompts import load_prompts
 from cfdpo.recipe import Recipe
@@ -98,6 +99,67 @@ def condition_prompts(condition: Condition, eval_rows: list[dict], subset_size: 
     if condition.prompt_source == "eval_subset":
         return eval_rows[:subset_size]
     return load_prompts(condition.prompt_source, condition.prompt_column)[:subset_size]
+
+
+# --- statistics of one model under one condition ---
+
+def retention(model: dict[str, float], base: dict[str, float], expect: str, seed: int = 0) -> dict:
+    """How much of base's in-scope behaviour a model kept, oriented so that 1.0 = kept as base has it
+    and below 1 = lost (`stats.ratio_ci`'s keys, plus "orientation").
+
+    expect "higher" (the behaviour shows as a higher score): model mean / base mean.
+    expect "lower" (it shows as a lower score, e.g. shorter answers): base mean / model mean, so a
+    model whose score rises away from the behaviour drops below 1.
+    """
+    if expect == "lower":
+        return {**stats.ratio_ci(base, model, seed=seed), "orientation": "base/model"}
+    return {**stats.ratio_ci(model, base, seed=seed), "orientation": "model/base"}
+
+
+def condition_entry(condition: Condition, per_prompt: dict[str, float], base_per_prompt: dict[str, float],
+                    seed: int = 0) -> dict:
+    """One model under one condition: its mean score over prompts with a 95 % interval, the paired
+    difference from base on the same prompts, and for an in-scope condition the retention."""
+    entry = {"kind": condition.kind, "instruction": " / ".join(condition.instructions) or None,
+             "placement": condition.placement, **stats.summary(per_prompt, seed=seed),
+             "vs_base": stats.paired(per_prompt, base_per_prompt, seed=seed)}
+    if condition.kind == "in_scope":
+        entry["retention"] = retention(per_prompt, base_per_prompt, condition.expect or "higher", seed)
+    return entry
+
+
+def primary_instruction(conditions: list[Condition]) -> str:
+    """The instruction the scorecard's headline follows: the negative one when trained, else the treatment."""
+    return "negative" if any(c.kind == "negative" for c in conditions) else "treatment"
+
+
+def pooled(per_prompt_by_condition: list[dict[str, float]]) -> dict[str, float]:
+    """{prompt id: mean over the conditions that scored it} (one value per prompt for a group of conditions)."""
+    values: dict[str, list[float]] = {}
+    for per_prompt in per_prompt_by_condition:
+        for pid, value in per_prompt.items():
+            values.setdefault(pid, []).append(value)
+    return {pid: sum(v) / len(v) for pid, v in values.items()}
+
+
+def group_entries(conditions: list[Condition], per_prompt: dict[str, dict[str, float]],
+                  base_per_prompt: dict[str, dict[str, float]], seed: int = 0) -> dict:
+    """The scorecard's groups for one model: under the primary instruction (`primary_instruction`), its
+    held-out paraphrases pooled and its other placements pooled (per prompt: the mean over the group's
+    conditions), each with `stats.summary` and `stats.paired` vs base; {"instruction_of", "paraphrase",
+    "placement"}, a group None when the recipe has none."""
+    which = primary_instruction(conditions)
+    groups: dict = {"instruction_of": which}
+    for kind in ("paraphrase", "placement"):
+        names = [c.name for c in conditions if c.kind == kind and c.instruction_of == which]
+        if not names:
+            groups[kind] = None
+            continue
+        model = pooled([per_prompt[name] for name in names])
+        base = pooled([base_per_prompt[name] for name in names])
+        groups[kind] = {"conditions": names, **stats.summary(model, seed=seed),
+                        "vs_base": stats.paired(model, base, seed=seed)}
+    return groups
 
 
 # --- drift: length and degenerate answers ---
