@@ -114,3 +114,18 @@ def test_answers_of_older_runs_with_a_variant_field_give_the_same_pairs(tmp_path
     assert read == new  # same keys: the cached answers stay valid
     for v in variants.NAMES:
         assert build_pairs(read, v) == build_pairs(new, v) != []
+
+
+def test_a_variant_that_keeps_no_pair_reads_back_empty(tmp_path):
+    from cfdpo.pairs import load_pairs, write_pairs
+
+    out = write_pairs([], tmp_path / "pairs" / "negation", {"count": 0, "candidates": 4})
+    ds = load_pairs(out)
+    assert len(ds) == 0 and "prompt" in ds.column_names
+    (out / "stats.json").write_text('{"count": 3}')  # a damaged dataset that should hold pairs stays an error
+    import pytest
+
+    from cfdpo.errors import CfdpoError
+
+    with pytest.raises(CfdpoError, match="cannot read the pairs dataset"):
+        load_pairs(out)

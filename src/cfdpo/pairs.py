@@ -160,7 +160,7 @@ def _same_pairs(out: Path, pairs: list[dict], stats: dict) -> bool:
 
 
 def load_pairs(pairs_dir: str | Path):
-    from datasets import load_from_disk
+    from datasets import Dataset, load_from_disk
 
     p = Path(pairs_dir)
     recover_dir(p)
@@ -169,4 +169,14 @@ def load_pairs(pairs_dir: str | Path):
     try:
         return load_from_disk(str(p))
     except Exception as e:  # noqa: BLE001 - any reader failure means a damaged dataset
+        if _kept_none(p):  # `datasets` cannot read back an empty dataset it saved
+            return Dataset.from_dict({c: [] for c in COLUMNS})
         raise CfdpoError(f"{p}: cannot read the pairs dataset ({type(e).__name__}); rerun `cfdpo pairs`") from None
+
+
+def _kept_none(pairs_dir: Path) -> bool:
+    """Whether the pairs stage kept no pair here (its stats.json says so)."""
+    try:
+        return json.loads((pairs_dir / "stats.json").read_text(encoding="utf-8")).get("count") == 0
+    except (OSError, ValueError):
+        return False
