@@ -69,39 +69,44 @@ def mcq_context(item: dict, instruction: str | None = None) -> str:
     return f"{instruction}\n\n{text}" if instruction else text
 
 
-def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16) -> list[float]:
-    """Sum of log-probs of each continuation's tokens given its context (lm-eval's loglikelihood).
+def tail_logprobs(model, items: list[tuple[list[int], int]], pad: int, batch_size: int = 16) -> list:
+    """For each (token ids, n): a tensor of the log-probs of its last n tokens, each given the ones
+    before it (an empty tensor for n = 0).
 
-    The continuation's tokens are those of tokenize(context + continuation) past tokenize(context).
-    Rows are left-padded so only the last positions' logits are computed.
-    """
+    Sequences of similar length share a left-padded batch, so only the last positions' logits are
+    computed."""
     import torch
 
     device = next(model.parameters()).device
-    items = []
-    for i, (ctx, cont) in enumerate(pairs):
-        ctx_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
-        full = tokenizer(ctx + cont, add_special_tokens=False)["input_ids"]
-        n_cont = min(max(1, len(full) - len(ctx_ids)), len(full) - 1)  # the first token has no prediction
-        items.append((i, full, n_cont))
-    out = [0.0] * len(pairs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    items.sort(key=lambda x: len(x[1]))
-    for b in range(0, len(items), batch_size):
-        batch = items[b : b + batch_size]
-        width = max(len(x[1]) for x in batch)
-        keep = max(x[2] for x in batch) + 1
-        ids, mask = pad_batch([x[1] for x in batch], pad)
+    out = [torch.zeros(0) for _ in items]
+    order = sorted((i for i, (_, n) in enumerate(items) if n), key=lambda i: len(items[i][0]))
+    for b in range(0, len(order), batch_size):
+        batch = order[b : b + batch_size]
+        keep = max(items[i][1] for i in batch) + 1
+        ids, mask = pad_batch([items[i][0] for i in batch], pad)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                            logits_to_keep=keep).logits.float()
         logp = torch.log_softmax(logits[:, -keep:-1], dim=-1)  # predicts the last keep-1 tokens
-        tgt = ids[:, width - keep + 1 :].to(device)
-        picked = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        for r, (i, _, n_cont) in enumerate(batch):
-            out[i] = float(picked[r, picked.shape[1] - n_cont :].sum())
+        picked = logp.gather(-1, ids[:, ids.shape[1] - keep + 1 :].to(device).unsqueeze(-1)).squeeze(-1).cpu()
+        for r, i in enumerate(batch):
+            out[i] = picked[r, picked.shape[1] - items[i][1] :]
     return out
+
+
+def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16) -> list[float]:
+    """Sum of log-probs of each continuation's tokens given its context (lm-eval's loglikelihood).
+
+    The continuation's tokens are those of tokenize(context + continuation) past tokenize(context).
+    """
+    items = []
+    for ctx, cont in pairs:
+        ctx_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
+        full = tokenizer(ctx + cont, add_special_tokens=False)["input_ids"]
+        items.append((full, min(max(1, len(full) - len(ctx_ids)), len(full) - 1)))  # the first token has no prediction
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return [float(t.sum()) for t in tail_logprobs(model, items, pad, batch_size)]
 
 
 def shared_context_logprobs(model, tokenizer, groups: list[tuple[str, list[str]]], batch_size: int = 16) -> list[list[float]]:
@@ -176,27 +181,10 @@ def answer_token_logprobs(model, tokenizer, conversations: list[list[dict]], ans
     The answers are token ids as a model produced them (not re-tokenised text), so two models can be
     compared on exactly the same tokens. Rows are left-padded so only the answers' logits are computed.
     """
-    import torch
-
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     items = []
-    for i, (conv, answer) in enumerate(zip(conversations, answers)):
+    for conv, answer in zip(conversations, answers):
         prompt_ids = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=False)
         prompt_ids = prompt_ids["input_ids"] if isinstance(prompt_ids, dict) else list(prompt_ids)
-        items.append((i, list(prompt_ids) + list(answer), len(answer)))
-    out: list[list[float]] = [[] for _ in answers]
-    todo = sorted((x for x in items if x[2]), key=lambda x: len(x[1]))
-    for b in range(0, len(todo), batch_size):
-        batch = todo[b : b + batch_size]
-        keep = max(x[2] for x in batch) + 1
-        ids, mask = pad_batch([x[1] for x in batch], pad)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                           logits_to_keep=keep).logits.float()
-        logp = torch.log_softmax(logits[:, -keep:-1], dim=-1)  # predicts the last keep-1 tokens
-        picked = logp.gather(-1, ids[:, ids.shape[1] - keep + 1 :].to(device).unsqueeze(-1)).squeeze(-1).cpu()
-        for r, (i, _, n_answer) in enumerate(batch):
-            out[i] = picked[r, picked.shape[1] - n_answer :].tolist()
-    return out
+        items.append((list(prompt_ids) + list(answer), len(answer)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return [t.tolist() for t in tail_logprobs(model, items, pad, batch_size)]
