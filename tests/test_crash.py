@@ -45,7 +45,8 @@ def crash_recipe(model: Path) -> dict:
         prompts={"source": "general", "train_size": 3, "eval_size": 2, "seed": 1},
         generation={"samples": 2, "max_new_tokens": 6, "temperature": 0.8, "batch_size": 4},
         variants=["enc", "negation"],
-        dpo={"epochs": 1, "batch_size": 2, "max_length": 128, "lora_r": 4, "lora_alpha": 8, "save_steps": 1},
+        dpo={"epochs": 1, "batch_size": 2, "max_length": 128, "lora_r": 4, "lora_alpha": 8, "save_steps": 1,
+             "auto": False},  # a fixed step schedule; resuming dpo.auto is tests/test_validation.py's
         evaluation={"max_new_tokens": 4, "batch_size": 4, "samples": 1},
     )
 
