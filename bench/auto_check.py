@@ -1,7 +1,7 @@
 """dpo.auto on vs off on a new behaviour with the recipe's defaults (recipes/great-question.yaml).
 
 Runs the pipeline twice on the real default model (SmolLM2-135M): once with `dpo.auto: false`
-(a fixed epoch count), once with the default `dpo.auto: true`; the second run reuses the first's
+(a fixed epoch count), once with `dpo.auto: true`; the second run reuses the first's
 answers. Prints, for the control prompt on the held-out prompts, the score of base / prompted
 teacher / auto off / auto on with n and a 95 % interval (`cfdpo.stats.summary`), the fraction of
 the way from base to the teacher, and the auto run's validation curve.

@@ -250,8 +250,10 @@ class DPOSpec(_Strict):
     save_steps: int = Field(default=50, ge=1, description="Checkpoint every N steps, so a killed run resumes from there.")
     seed: int = Field(default=0, description="Training seed (LoRA initialisation, order of the pairs).")
     auto: bool = Field(
-        default=True,
-        description="Validation-driven training (the pipeline's train stage): at least min_steps optimizer steps "
+        default=False,
+        description="Validation-driven training (the pipeline's train stage; opt-in: each validation decodes the "
+                    "validation prompts, minutes per validation for the 135M default on 2 CPU cores): at least "
+                    "min_steps optimizer steps "
                     "(epochs becomes a lower bound), the adapter scored on prompts.validation_size held-out "
                     "training-set prompts every eval_every steps, the best step within max_kl published instead of "
                     "the last, and an early stop after patience evaluations without a better step. false: exactly "
