@@ -47,7 +47,7 @@ def make_run(root: Path, model: Path) -> Path:
     for i, prompt in enumerate(PROMPTS):
         for cond, answer in ANSWERS.items():
             messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": INSTRUCTIONS[cond] + prompt}]
-            rows.append({"key": f"{cond}-{i}", "prompt_id": f"p{i}", "variant": cond, "sample": 0, "messages": messages,
+            rows.append({"key": f"{cond}-{i}", "prompt_id": f"p{i}", "condition": cond, "sample": 0, "messages": messages,
                          "answer": answer.format(i=i)})
     scorer = make_scorer("lexicon", {"words": ["arr", "matey", "ahoy", "ye"]})
     for variant in recipe.variants:

@@ -111,7 +111,7 @@ class Recipe(_Strict):
     def to_data(self) -> dict:
         """The recipe as plain data, as saved and hashed (fields newer than the format left out at their default)."""
         data = self.model_dump(mode="json")
-        for section, spec in (("evaluation", EvalSpec), ("pairs", PairsSpec)):
+        for section, spec in (("prompts", PromptsSpec), ("dpo", DPOSpec), ("evaluation", EvalSpec), ("pairs", PairsSpec)):
             for name in spec.OMITTED_AT_DEFAULT:
                 if getattr(getattr(self, section), name) == spec.model_fields[name].get_default(call_default_factory=True):
                     del data[section][name]

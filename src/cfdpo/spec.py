@@ -160,6 +160,7 @@ class Behaviour(_Strict):
 
 
 class PromptsSpec(_Strict):
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("validation_size",)  # newer than the format: see DPOSpec
     source: str = Field(
         default="general",
         description="Builtin prompt set (general: 339 prompts, news: 118 passages) or a .jsonl/.csv/.parquet file; "
@@ -227,6 +228,8 @@ class PairsSpec(_Strict):
 
 
 class DPOSpec(_Strict):
+    # Fields newer than the recipe format, left out of the saved and hashed recipe while at their default.
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("auto", "min_steps", "eval_every", "patience", "max_kl")
     beta: float = Field(default=0.1, gt=0.0, description="DPO's beta: how far the trained model may move from the "
                                                          "reference; higher keeps it closer.")
     learning_rate: float = Field(default=5e-4, gt=0.0, lt=1.0, description="Initial learning rate of the AdamW optimizer.")
