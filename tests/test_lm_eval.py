@@ -27,8 +27,9 @@ def test_lm_eval_task_runs_for_every_model_and_agrees_with_builtin_mcq(tiny_mode
         evaluation={"max_new_tokens": 4, "batch_size": 8, "mcq": True, "mcq_items": 12,
                     "lm_eval": {"tasks": ["cfdpo_local_mcq"], "include_path": str(tasks)}}))
     run = tmp_path / "run"
-    assert main(["generate", str(run), "--recipe", str(rec)]) == 0
-    assert main(["evaluate", str(run)]) == 0
+    trust = "--trust-remote-code"  # lm-eval task files may import Python: include_path needs it
+    assert main(["generate", str(run), "--recipe", str(rec), trust]) == 0
+    assert main(["evaluate", str(run), trust]) == 0
     models = json.loads((run / "metrics.json").read_text())["models"]
     assert set(models) == {"base", "prompted"}
     for m in models.values():
@@ -38,7 +39,7 @@ def test_lm_eval_task_runs_for_every_model_and_agrees_with_builtin_mcq(tiny_mode
     assert models["base"]["lm_eval"]["cfdpo_local_mcq"]["acc"] == models["base"]["mcq_accuracy"]
     cache = json.loads((run / "eval" / "lm_eval.json").read_text())
     assert len(cache) == 2
-    assert main(["evaluate", str(run)]) == 0  # cached: same results
+    assert main(["evaluate", str(run), trust]) == 0  # cached: same results
     assert json.loads((run / "metrics.json").read_text())["models"] == models
     assert main(["report", str(run)]) == 0
     assert "cfdpo_local_mcq acc" in (run / "report.md").read_text()
