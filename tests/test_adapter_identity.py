@@ -105,3 +105,15 @@ def test_adapter_hash_is_stable_under_reordered_target_modules(tmp_path):
     assert adapter_hash(_adapter(tmp_path / "two", ["v_proj", "q_proj"], b"weights")) == one
     assert adapter_hash(_adapter(tmp_path / "three", ["v_proj", "q_proj"], b"other")) != one
     assert adapter_hash(_adapter(tmp_path / "four", ["q_proj", "k_proj"], b"weights")) != one
+
+
+def test_a_rerun_removes_temporary_folders_a_killed_training_left(tiny_model, tmp_path, pairs):
+    out = tmp_path / "adapters" / "enc"
+    out.parent.mkdir(parents=True)
+    killed = out.parent / ".enc-k1ll3d_x"  # the name tempfile.mkdtemp gives a training's temporary folder
+    (killed / "adapter").mkdir(parents=True)
+    other = out.parent / ".dis-k1ll3d_x"  # another variant's: not ours to remove
+    other.mkdir()
+    T.train_dpo(str(tiny_model), pairs, SPEC, out)
+    assert not killed.exists() and other.is_dir()
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".enc-")] == []

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -218,6 +219,7 @@ def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: st
     out.parent.mkdir(parents=True, exist_ok=True)
     fingerprint = pairs_fingerprint(pairs_dataset)
     identity = adapter_identity(kind, model_path, spec, fingerprint)
+    dist.on_main(lambda: remove_stale_temp_dirs(out))
     if adapter_is_current(out, identity, merge):
         dist.on_main(lambda: shutil.rmtree(out.with_name(f".{out.name}-work"), ignore_errors=True))
         return out
@@ -245,6 +247,16 @@ def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: st
     finally:
         if dist.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temp_dirs(out: Path) -> None:
+    """Remove the temporary folders (`.<name>-XXXXXXXX`, from `tempfile.mkdtemp`) that a training
+    killed before publishing left beside `out`; the run's lock means no other process is using them.
+    The resume folder `.<name>-work` and `replace_dir`'s `.<name>.old` are kept."""
+    stale = re.compile(rf"\.{re.escape(out.name)}-[a-z0-9_]{{8}}")
+    for path in out.parent.iterdir():
+        if path.is_dir() and stale.fullmatch(path.name):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def train_dpo(
