@@ -253,10 +253,9 @@ def _self_scores(run: Run, rows: list[dict]) -> dict[str, float]:
     from cfdpo.models import load_model, load_tokenizer, model_id
     from cfdpo.runio import JsonlLog
     from cfdpo.runtime import resolve_dtype, set_threads
-    from cfdpo.self_reward import contrast_conditions, score_answers
+    from cfdpo.self_reward import score_answers
 
     r = run.recipe
-    contrast_conditions(r.behaviour)  # a behaviour with nothing to contrast fails before any work
     path = run.model_path
 
     def load():
