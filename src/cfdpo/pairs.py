@@ -5,6 +5,10 @@ DPO prompt, the condition whose answer is chosen and the one whose answer is rej
 row does the same with its prompt rebuilt in the deployer's context (the instruction as the
 system prompt), from the same answers; `mix_pairs` puts its pairs among its variant's.
 
+Filtering and best-of-k rank answers by the behaviour's scorer, or (`pairs.score: self`) by their
+self-scores under the base model (`cfdpo.self_reward`), computed beforehand and passed in by answer
+key; then each pair also carries its self `margin`.
+
 `build_pairs` and `mix_pairs` are pure (rows in, pairs out); `write_pairs` saves a `datasets`
 dataset in TRL's conversational preference format plus `stats.json`.
 """
@@ -16,9 +20,10 @@ import random
 import shutil
 import tempfile
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
-from cfdpo import counterfactual, variants
+from cfdpo import counterfactual, self_reward, variants
 from cfdpo.errors import CfdpoError
 from cfdpo.runio import recover_dir, replace_dir, write_json
 from cfdpo.scorers import Scorer
@@ -35,6 +40,7 @@ def _assistant(text: str) -> list[dict]:
 def build_pairs(
     rows: list[dict], variant: str, scorer: Scorer | None = None, desired: str = "lower",
     filter_pairs: bool = False, best_of_k: bool = False, behaviour: Behaviour | None = None,
+    self_scores: Mapping[str, float] | None = None,
 ) -> list[dict]:
     """Pairs for one variant or retain row from answer rows (`prompt_id`, `condition`, `sample`, `messages`, `answer`).
 
@@ -45,10 +51,14 @@ def build_pairs(
     the worst-scoring rejected sample (the largest scorer gap). A row with a placement of its own
     rebuilds its prompt from the row's `prompt` and `seed` with `behaviour` (the same paraphrase
     drawn as for the answers).
+
+    With `self_scores` ({answer key: self-score}, `cfdpo.self_reward`) filtering and best-of-k rank
+    answers by self-score instead of the scorer (higher is more desired; for a retain row, the other
+    direction) and every pair gets its `margin`: filtering keeps the pairs whose margin is above 0.
     """
     variant_row = variants.get_row(variant)
-    if (filter_pairs or best_of_k) and scorer is None:
-        raise ValueError("filtering and best-of-k need a scorer")
+    if (filter_pairs or best_of_k) and scorer is None and self_scores is None:
+        raise ValueError("filtering and best-of-k need a scorer or self-scores")
     if variant_row.placement is not None and behaviour is None:
         raise ValueError(f"'{variant}' pairs rebuild their prompt at placement {variant_row.placement}: pass the behaviour")
     prompt_cond, chosen_cond, rejected_cond = variant_row.prompt, variant_row.chosen, variant_row.rejected
@@ -61,7 +71,13 @@ def build_pairs(
     sign = -1.0 if desired == "lower" else 1.0  # larger signed score = more desired
     if variant_row.prefers_behaviour:
         sign = -sign  # larger signed score = more of the behaviour
-    value = (lambda r: sign * scorer.score_one(r["answer"])) if scorer else None
+    flip = -1.0 if variant_row.prefers_behaviour else 1.0  # a self-score's larger = more desired
+
+    def value(r: dict) -> float:  # larger = the row's preferred direction
+        if self_scores is not None:
+            return flip * self_scores[r["key"]]
+        return sign * scorer.score_one(r["answer"])
+
     pairs: list[dict] = []
     for pid in order:
         conds = by_prompt[pid]
@@ -85,11 +101,14 @@ def build_pairs(
             else:
                 prompt = counterfactual.messages(asked["prompt"], prompt_cond, behaviour, pid, asked.get("seed", 0),
                                                  variant_row.placement)
-            pairs.append({
+            pair = {
                 "prompt": prompt, "chosen": _assistant(ch["answer"]),
                 "rejected": _assistant(rj["answer"]), "prompt_id": pid, "sample": s,
                 "chosen_key": ch["key"], "rejected_key": rj["key"],
-            })
+            }
+            if self_scores is not None:
+                pair["margin"] = self_reward.margin(value(ch), value(rj))
+            pairs.append(pair)
     return pairs
 
 
@@ -113,6 +132,9 @@ def pair_stats(pairs: list[dict], scorer: Scorer | None = None, candidates: int 
         "mean_words_chosen": mean([len(words(t)) for t in chosen]),
         "mean_words_rejected": mean([len(words(t)) for t in rejected]),
     }
+    margins = [p["margin"] for p in pairs if "margin" in p]
+    if margins:
+        stats["mean_margin"] = mean(margins)
     if scorer is not None:
         stats["scorer"] = scorer.name
         stats["score_chosen"] = mean(scorer.score_many(chosen))
@@ -143,8 +165,8 @@ def write_pairs(pairs: list[dict], out_dir: str | Path, stats: dict) -> Path:
 
 
 def _columns(pairs: list[dict]) -> list[str]:
-    """The dataset's columns: `kind` too when the pairs are mixed (`mix_pairs`)."""
-    return [*COLUMNS, "kind"] if pairs and "kind" in pairs[0] else list(COLUMNS)
+    """The dataset's columns: `margin` too with self-scores, `kind` when the pairs are mixed (`mix_pairs`)."""
+    return [*COLUMNS, *(column for column in ("margin", "kind") if pairs and column in pairs[0])]
 
 
 def _same_pairs(out: Path, pairs: list[dict], stats: dict) -> bool:

@@ -3,7 +3,10 @@
     run_dir/
       recipe.yaml            the recipe the run was made with
       answers.jsonl          generation: one row per answer
-      pairs/<variant>/       datasets dataset (prompt/chosen/rejected; + kind with pairs.retain) + stats.json
+      pairs/<variant>/       datasets dataset (prompt/chosen/rejected; + kind with pairs.retain, + margin with
+                             pairs.score self) + stats.json
+      pairs/self_scores.jsonl  pairs.score self: the base model's mean log-prob of each answer under its
+                             prompt's contrast conversations, keyed by (model, conversation, answer)
       adapters/<variant>/    PEFT LoRA adapter + train_log.json (+ merged/ with --merge)
       eval/answers.jsonl     evaluation answers of every model
       metrics.json           evaluation results
@@ -211,33 +214,58 @@ def _build_pairs(run: Run) -> dict[str, dict]:
     wanted = {p["id"] for p in train}
     rows = [row for row in JsonlLog(ap).rows if row["prompt_id"] in wanted]
     scorer = make_scorer(r.behaviour.scorer.name, r.behaviour.scorer.params)
+    self_scores = _self_scores(run, rows) if r.pairs.score == "self" else None
     out = {}
     for v in r.variants:
-        pairs, stats = _pairs_of(rows, v, r, scorer)
+        pairs, stats = _pairs_of(rows, v, r, scorer, self_scores)
         joining = retain_rows(v) if r.pairs.retain else ()
         if joining:  # scope-aware: the retain pairs mixed in, tagged by kind, counted per kind
             parts, kinds = {v: pairs}, {v: stats}
             for row in joining:
-                parts[row.name], kinds[row.name] = _pairs_of(rows, row.name, r, scorer)
+                parts[row.name], kinds[row.name] = _pairs_of(rows, row.name, r, scorer, self_scores)
             pairs = mix_pairs(parts, r.generation.seed)
             stats = pair_stats(pairs, scorer, candidates=sum(k["candidates"] for k in kinds.values()))
             stats["kinds"] = kinds
         stats.update(filter=r.pairs.filter, best_of_k=r.pairs.best_of_k, variant=v)
+        if self_scores is not None:
+            stats["score"] = "self"  # count of candidates: what filter / best_of_k kept on the self margin
         write_pairs(pairs, run.dir / "pairs" / v, stats)
         out[v] = stats
     _done(run, "pairs")
     return out
 
 
-def _pairs_of(rows: list[dict], name: str, recipe: Recipe, scorer) -> tuple[list[dict], dict]:
+def _pairs_of(rows: list[dict], name: str, recipe: Recipe, scorer,
+              self_scores: dict[str, float] | None) -> tuple[list[dict], dict]:
     """The pairs of one table row (a variant or a retain row) as the recipe asks, and their stats."""
     from cfdpo.pairs import build_pairs as build
     from cfdpo.pairs import pair_stats
 
     b, p = recipe.behaviour, recipe.pairs
     plain = build(rows, name, behaviour=b)
-    pairs = build(rows, name, scorer, b.scorer.desired, p.filter, p.best_of_k, behaviour=b)
+    pairs = build(rows, name, scorer, b.scorer.desired, p.filter, p.best_of_k, behaviour=b, self_scores=self_scores)
     return pairs, pair_stats(pairs, scorer, candidates=len(plain))
+
+
+def _self_scores(run: Run, rows: list[dict]) -> dict[str, float]:
+    """pairs.score self: {answer key: self-score} under the base model, cached in pairs/self_scores.jsonl
+    (the model is loaded only for answers the cache lacks)."""
+    from cfdpo.models import load_model, load_tokenizer, model_id
+    from cfdpo.runio import JsonlLog
+    from cfdpo.runtime import resolve_dtype, set_threads
+    from cfdpo.self_reward import score_answers
+
+    r = run.recipe
+    path = run.model_path
+
+    def load():
+        set_threads()
+        tokenizer = load_tokenizer(path, r.trust_remote_code)
+        model = load_model(path, resolve_dtype(r.generation.dtype, purpose="evaluate"), r.trust_remote_code)
+        return model.to(dist.device()), tokenizer
+
+    return score_answers(rows, r.behaviour, model_id(path), JsonlLog(run.dir / "pairs" / "self_scores.jsonl"), load,
+                         r.evaluation.batch_size)
 
 
 def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft: bool = False) -> list[Path]:

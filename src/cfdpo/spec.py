@@ -210,11 +210,18 @@ class GenerationSpec(_Strict):
 
 class PairsSpec(_Strict):
     filter: bool = Field(default=False, description="Drop pairs whose chosen answer does not beat the rejected one on "
-                                                    "the scorer. Default: keep every pair.")
+                                                    "pairs.score. Default: keep every pair.")
     best_of_k: bool = Field(
         default=False,
-        description="Per prompt, pair the best chosen sample with the worst rejected one (needs generation.samples > 1). "
-                    "Default: sample i of the chosen answers pairs with sample i of the rejected ones.")
+        description="Per prompt, pair the best chosen sample with the worst rejected one on pairs.score (needs "
+                    "generation.samples > 1). Default: sample i of the chosen answers pairs with sample i of the "
+                    "rejected ones.")
+    score: Literal["scorer", "self"] = Field(
+        default="scorer",
+        description="What filter and best_of_k rank answers by: scorer (behaviour.scorer) or self, judge-free: the "
+                    "base model's mean per-token log p(answer | treatment prompt) - log p(answer | negative prompt) "
+                    "(the control prompt for a missing instruction), cached in pairs/self_scores.jsonl; each pair "
+                    "then gets its margin (chosen's minus rejected's). Default: scorer.")
     retain: bool = Field(
         default=False,
         description="Scope-aware negation: add retain pairs to the negation pairs, where the deployer's system "
@@ -224,7 +231,7 @@ class PairsSpec(_Strict):
 
     # Left out of the saved and hashed recipe while at its default, so recipes written before it
     # existed keep their digest, manifest hash and recipe.yaml.
-    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("retain",)
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("retain", "score")
 
 
 class DPOSpec(_Strict):
