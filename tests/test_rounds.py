@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import read_jsonl, tiny_recipe, write_recipe
 
-from cfdpo.rounds import stop_reason
+from cfdpo import rounds
+from cfdpo.rounds import mean_control_score, stop_reason, validation_score
 
 
 def rounds_recipe(model: Path, rounds: int) -> dict:
@@ -34,9 +35,18 @@ def train_run(out: Path, recipe: dict):
     return run
 
 
+def scored(monkeypatch, *scores: float) -> None:
+    """The on-policy control scores of round 1's, round 2's, ... adapter, in that order (the tiny random
+    model's answers score the same whatever the adapter)."""
+    given = iter(scores)
+    monkeypatch.setattr(rounds, "mean_control_score", lambda rows, scorer: next(given))
+
+
 @pytest.fixture(scope="module")
 def two_rounds(tiny_model, tmp_path_factory):
-    return train_run(tmp_path_factory.mktemp("rounds") / "run", rounds_recipe(tiny_model, 2))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        scored(monkeypatch, 0.3, 0.2)  # round 2 improves: it is kept
+        return train_run(tmp_path_factory.mktemp("rounds") / "run", rounds_recipe(tiny_model, 2))
 
 
 def mtimes(paths: list[Path]) -> dict[str, int]:
@@ -49,6 +59,17 @@ def test_stop_reason_stops_when_a_round_does_not_improve():
     assert "round 2's score 0.5 did not improve on round 1's 0.5" in stop_reason([0.5, 0.5], "lower")
     assert stop_reason([0.4, 0.5], "higher") is None
     assert stop_reason([0.5, 0.4], "higher") is not None
+
+
+def test_scores_are_the_mean_control_score_and_the_published_validation_step():
+    from cfdpo.scorers import make_scorer
+
+    scorer = make_scorer("lexicon", {"words": ["arr"]})
+    rows = [{"condition": "control", "answer": "arr arr"}, {"condition": "control", "answer": "no"},
+            {"condition": "negative", "answer": "arr"}]
+    assert mean_control_score(rows, scorer) == 0.5
+    log = {"validation": [{"step": 0, "score": 0.9}, {"step": 2, "score": 0.4}, {"step": 4, "score": 0.6}], "best_step": 2}
+    assert validation_score(log) == 0.4
 
 
 def test_round_two_answers_with_round_one_adapter_and_trains_on_from_it(two_rounds):
@@ -84,9 +105,10 @@ def test_round_two_answers_with_round_one_adapter_and_trains_on_from_it(two_roun
     pairs = json.loads((d / "rounds" / "2" / "pairs" / "dis" / "stats.json").read_text())
     assert pairs["count"] > 0
     summary = json.loads((d / "rounds" / "summary.json").read_text())["dis"]
-    assert summary["source"] == "control" and [p["round"] for p in summary["rounds"]] == [1, 2]
-    kept = d / "rounds" / str(summary["kept"]) / "adapters" / "dis"
-    assert adapter_hash(d / "adapters" / "dis") == adapter_hash(kept)
+    assert summary == {"source": "control", "rounds": [{"round": 1, "score": 0.3}, {"round": 2, "score": 0.2}],
+                       "kept": 2, "stopped": "all 2 rounds ran"}
+    assert json.loads((d / "rounds" / "2" / "score.json").read_text()) == {"dis": {"score": 0.2, "source": "control"}}
+    assert adapter_hash(d / "adapters" / "dis") == adapter_hash(second)
     # round 2's adapter was scored on its own control answers, generated after the last round
     last = read_jsonl(d / "rounds" / "3" / "answers.jsonl")
     assert {row["condition"] for row in last} == {"control"}
@@ -108,7 +130,9 @@ def test_training_continues_from_the_start_adapter(two_rounds, tmp_path):
     assert all((before[k] - after[k]).abs().max() < 1e-6 for k in before)
 
 
-def test_a_rerun_after_a_kill_in_round_two_keeps_round_one(two_rounds):
+def test_a_rerun_after_a_kill_in_round_two_keeps_round_one(two_rounds, monkeypatch):
+    import shutil
+
     from cfdpo import pipeline
     from cfdpo.evaluate import adapter_hash
 
@@ -118,15 +142,17 @@ def test_a_rerun_after_a_kill_in_round_two_keeps_round_one(two_rounds):
     done = [d / "answers.jsonl", d / "pairs", d / "rounds" / "1", d / "rounds" / "2" / "answers.jsonl",
             d / "rounds" / "2" / "pairs"]
     before = mtimes(done)
-    import shutil
-
     shutil.rmtree(second)
+    scored(monkeypatch, 0.3, 0.4)  # this time round 2 does worse: round 1 is kept
     run = pipeline.open_run(d)
     pipeline.generate(run)
     pipeline.build_pairs(run)
     pipeline.train(run)
     assert mtimes(done) == before
     assert adapter_hash(second) == made  # trained again, to the same weights
+    summary = json.loads((d / "rounds" / "summary.json").read_text())["dis"]
+    assert summary["kept"] == 1 and summary["stopped"].startswith("round 2's score 0.4 did not improve on round 1's 0.3")
+    assert adapter_hash(d / "adapters" / "dis") == adapter_hash(d / "rounds" / "1" / "adapters" / "dis")
 
 
 def test_one_round_writes_no_rounds_folder(tiny_model, tmp_path):
