@@ -158,7 +158,9 @@ def test_a_rerun_after_a_kill_in_round_two_keeps_round_one(two_rounds, monkeypat
 def test_one_round_writes_no_rounds_folder(tiny_model, tmp_path):
     run = train_run(tmp_path / "run", rounds_recipe(tiny_model, 1))
     assert not (run.dir / "rounds").exists()
-    assert "start" not in json.loads((run.dir / "adapters" / "dis" / "identity.json").read_text())
+    identity = json.loads((run.dir / "adapters" / "dis" / "identity.json").read_text())
+    log = json.loads((run.dir / "adapters" / "dis" / "train_log.json").read_text())
+    assert "start" not in identity and "rounds" not in identity["dpo"] and "rounds" not in log["spec"]
     assert "rounds" not in (run.dir / "recipe.yaml").read_text()
     assert sorted(p.name for p in run.dir.iterdir() if not p.name.startswith(".")) == [
         "adapters", "answers.jsonl", "manifest.json", "pairs", "recipe.yaml"]

@@ -4,7 +4,14 @@
       recipe.yaml            the recipe the run was made with
       answers.jsonl          generation: one row per answer
       pairs/<variant>/       datasets dataset (prompt/chosen/rejected; + kind with pairs.retain) + stats.json
-      adapters/<variant>/    PEFT LoRA adapter + train_log.json (+ merged/ with --merge)
+      adapters/<variant>/    PEFT LoRA adapter + train_log.json (+ merged/ with --merge); with dpo.rounds > 1
+                             a copy of the kept round's adapter
+      rounds/                only with dpo.rounds > 1 (see `cfdpo.rounds`):
+        summary.json           per variant: each round's score and its source, the round kept, why the rounds stopped
+        <r>/score.json         per variant: the score of round r's adapter
+        <r>/answers.jsonl      r >= 2: answers of round r-1's adapters (model `<base>|<variant>|<adapter hash>`)
+        <r>/pairs/<variant>/   r >= 2: the variant's pairs from them (round 1's are pairs/<variant>/)
+        <r>/adapters/<variant>/  round r's adapter, trained on from round r-1's
       eval/answers.jsonl     evaluation answers of every model
       metrics.json           evaluation results
       report.md, plots/      the report

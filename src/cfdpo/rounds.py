@@ -5,7 +5,9 @@ Round 1 is the single-round pipeline: the base model's answers (answers.jsonl), 
 same training prompts under the variant's conditions with round r-1's adapter applied (same plan and
 seeds; the rows' model is `<base>|<variant>|<adapter hash>`, so the cache knows one adapter's
 answers from another's), builds the variant's pairs from them with the same pair table and trains
-on from round r-1's weights (the DPO reference stays the base model: the adapter disabled).
+on from round r-1's weights (the DPO reference stays the base model: the adapter disabled). Rounds
+r >= 2 generate with the transformers backend (`TransformersGenerator` over the base model with the
+adapter applied), whatever generation.backend says.
 
 A round's score measures its adapter: the validation score of its published step when dpo.auto
 validates (`uses_validation`), else the mean behaviour score of the adapter's own control answers

@@ -132,16 +132,21 @@ def pairs_fingerprint(ds) -> str:
     return h.hexdigest()
 
 
+def training_settings(spec: DPOSpec) -> dict:
+    """The dpo settings one training uses: all but `rounds` (how often to train, not how)."""
+    return spec.model_dump(mode="json", exclude={"rounds"})
+
+
 def adapter_identity(kind: str, model_path: str, spec: DPOSpec, fingerprint: str, start: str | None = None) -> dict:
     """What an adapter is made from: an adapter is current only when all of it is unchanged.
 
     `start` is the hash of the adapter training continued from (`dpo.rounds`), absent for a fresh
-    adapter; `dpo.rounds` itself is left out (it says how often to train, not how)."""
+    adapter."""
     from cfdpo import __version__
     from cfdpo.models import model_id
 
     identity = {"kind": kind, "pairs_sha256": fingerprint, "model": model_id(model_path),
-                "dpo": spec.model_dump(mode="json", exclude={"rounds"}), "cfdpo": __version__}
+                "dpo": training_settings(spec), "cfdpo": __version__}
     return identity if start is None else {**identity, "start": start}
 
 
@@ -245,7 +250,7 @@ def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: st
         result = trainer.train(resume_from_checkpoint=resume_from)
         count_key = "pairs" if kind == "dpo" else "examples"
         extra_log = {"kind": kind, "train_runtime": result.metrics.get("train_runtime"), count_key: n,
-                     "pairs_sha256": fingerprint, "spec": spec.model_dump(mode="json"), "identity": identity}
+                     "pairs_sha256": fingerprint, "spec": training_settings(spec), "identity": identity}
         if callback is not None:
             _use_best(trainer, callback)
             extra_log.update(callback.log(trainer.args.max_steps))
