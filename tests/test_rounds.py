@@ -174,3 +174,19 @@ def test_zero_rounds_is_a_one_line_error(tiny_model, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "dpo.rounds" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_validated_rounds_stop_when_the_validation_score_does_not_improve(tiny_model, tmp_path):
+    from cfdpo.evaluate import adapter_hash
+
+    recipe = rounds_recipe(tiny_model, 3)
+    recipe["behaviour"]["scorer"] = {"name": "regex", "desired": "lower", "params": {"pattern": "QQQQ"}}  # always 0
+    recipe["prompts"]["validation_size"] = 1
+    recipe["dpo"].update(auto=True, min_steps=1, eval_every=1, patience=1, epochs=1)
+    d = train_run(tmp_path / "run", recipe).dir
+    summary = json.loads((d / "rounds" / "summary.json").read_text())["dis"]
+    assert summary["source"] == "validation" and summary["kept"] == 1
+    assert summary["rounds"] == [{"round": 1, "score": 0.0}, {"round": 2, "score": 0.0}]
+    assert summary["stopped"].startswith("round 2's score 0 did not improve on round 1's 0")
+    assert not (d / "rounds" / "3").exists()  # no third round after the stop, not even its answers
+    assert adapter_hash(d / "adapters" / "dis") == adapter_hash(d / "rounds" / "1" / "adapters" / "dis")
