@@ -111,7 +111,8 @@ def train(
     sft: bool = typer.Option(False, help="also train the SFT context-distillation baseline"),
     trust_remote_code: bool = TrustOpt,
 ):
-    """Train a LoRA adapter per variant with TRL's DPOTrainer into adapters/<variant>/."""
+    """Train a LoRA adapter per variant with TRL's DPOTrainer into adapters/<variant>/ (with dpo.rounds > 1:
+    the on-policy rounds, each answering again with the previous round's adapter, into rounds/)."""
     from cfdpo.pipeline import train as tr
 
     for p in tr(_open_with(run_dir, recipe, trust_remote_code), variant or None, merge=merge, sft=sft):

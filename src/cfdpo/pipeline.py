@@ -7,7 +7,14 @@
                              pairs.score self) + stats.json
       pairs/self_scores.jsonl  pairs.score self: the base model's mean log-prob of each answer under its
                              prompt's contrast conversations, keyed by (model, conversation, answer)
-      adapters/<variant>/    PEFT LoRA adapter + train_log.json (+ merged/ with --merge)
+      adapters/<variant>/    PEFT LoRA adapter + train_log.json (+ merged/ with --merge); with dpo.rounds > 1
+                             a copy of the kept round's adapter
+      rounds/                only with dpo.rounds > 1 (see `cfdpo.rounds`):
+        summary.json           per variant: each round's score and its source, the round kept, why the rounds stopped
+        <r>/score.json         per variant: the score of round r's adapter
+        <r>/answers.jsonl      r >= 2: answers of round r-1's adapters (model `<base>|<variant>|<adapter hash>`)
+        <r>/pairs/<variant>/   r >= 2: the variant's pairs from them (round 1's are pairs/<variant>/)
+        <r>/adapters/<variant>/  round r's adapter, trained on from round r-1's
       eval/answers.jsonl     evaluation answers of every model
       metrics.json           evaluation results
       report.md, plots/      the report
@@ -58,7 +65,7 @@ class Run:
         return validation_split(load_prompts(p.source, p.column), p.train_size, p.eval_size, p.validation_size, p.seed)
 
 
-OUTPUTS = ("answers.jsonl", "pairs", "adapters", "eval", "metrics.json", "report.md", "report.html")
+OUTPUTS = ("answers.jsonl", "pairs", "adapters", "rounds", "eval", "metrics.json", "report.md", "report.html")
 
 
 def open_run(
@@ -145,45 +152,57 @@ def _open_run(run_dir: str | Path, recipe_path: str | Path | None, trust_remote_
 
 
 def generate(run: Run) -> int:
-    """Answer the control / treatment / negative versions of the training prompts.
-
-    On several processes each rank answers its share into a shard file and rank 0 merges the
-    shards into answers.jsonl (see `cfdpo.dist`). Returns how many answers were added.
-    """
+    """Answer the control / treatment / negative versions of the training prompts (see `generate_rows`).
+    Returns how many answers were added."""
     from cfdpo.backends import get_backend
-    from cfdpo.generate import GenParams, answers_path, plan_rows, run_generation
+    from cfdpo.generate import GenParams, answers_path, plan_rows
     from cfdpo.models import load_tokenizer, model_id
-    from cfdpo.runio import JsonlLog
-    from cfdpo.runtime import resolve_dtype, set_threads
+    from cfdpo.runtime import resolve_dtype
 
     r = run.recipe
     g = r.generation
     train, _ = run.split()
     path = run.model_path
-    rows = rows_all = plan_rows(train, r.needed_conditions(), r.behaviour, g.samples, model_id(path),
-                                GenParams(g.max_new_tokens, g.temperature, g.top_p), g.seed)
-    ap = answers_path(run.dir)
-    added = dist.on_main(lambda: dist.merge_shards(ap, rows_all))  # a crashed multi-process run's shards
-    w, rank = dist.world(), dist.rank()
-    have: set[str] = set()  # rows merged into answers.jsonl, on several processes
-    if w == 1:
-        log = JsonlLog(ap)
-    else:
-        have = JsonlLog(ap).keys()
-        rows = dist.shard_rows(rows, rank, w)  # the whole shard: its batch plan must not depend on what is done
-        log = JsonlLog(dist.shard_path(ap, rank, w))
-    set_threads()
+    rows = plan_rows(train, r.needed_conditions(), r.behaviour, g.samples, model_id(path),
+                     GenParams(g.max_new_tokens, g.temperature, g.top_p), g.seed)
 
     def loader():
         tok = load_tokenizer(path, r.trust_remote_code)
         tok.padding_side = "left"
-        return get_backend(g.backend).load(path, resolve_dtype(g.dtype), r.trust_remote_code, g.seed + 7919 * rank), tok
+        seed = g.seed + 7919 * dist.rank()
+        return get_backend(g.backend).load(path, resolve_dtype(g.dtype), r.trust_remote_code, seed), tok
 
-    n = run_generation(rows, log, loader, batch_size=g.batch_size, seed=g.seed + 7919 * rank, label="generate",
-                       have=have)
-    if w > 1:
-        n += dist.on_main(lambda: dist.merge_shards(ap, rows_all))
+    n = generate_rows(run, rows, answers_path(run.dir), loader, "generate")
     _done(run, "generate")
+    return n
+
+
+def generate_rows(run: Run, rows: list[dict], path: Path, loader, label: str) -> int:
+    """Answer the planned `rows` (`generate.plan_rows`) into the answers file `path`, cached and resumable,
+    with the generator `loader()` returns (see `generate.run_generation`); returns how many were added.
+
+    On several processes each rank answers its share into a shard file and rank 0 merges the
+    shards into `path` (see `cfdpo.dist`).
+    """
+    from cfdpo.generate import run_generation
+    from cfdpo.runio import JsonlLog
+    from cfdpo.runtime import set_threads
+
+    g = run.recipe.generation
+    added = dist.on_main(lambda: dist.merge_shards(path, rows))  # a crashed multi-process run's shards
+    w, rank = dist.world(), dist.rank()
+    mine = rows
+    have: set[str] = set()  # rows merged into the answers file, on several processes
+    if w == 1:
+        log = JsonlLog(path)
+    else:
+        have = JsonlLog(path).keys()
+        mine = dist.shard_rows(rows, rank, w)  # the whole shard: its batch plan must not depend on what is done
+        log = JsonlLog(dist.shard_path(path, rank, w))
+    set_threads()
+    n = run_generation(mine, log, loader, batch_size=g.batch_size, seed=g.seed + 7919 * rank, label=label, have=have)
+    if w > 1:
+        n += dist.on_main(lambda: dist.merge_shards(path, rows))
     return added + n
 
 
@@ -201,10 +220,8 @@ def build_pairs(run: Run) -> dict[str, dict]:
 
 def _build_pairs(run: Run) -> dict[str, dict]:
     from cfdpo.generate import answers_path
-    from cfdpo.pairs import mix_pairs, pair_stats, write_pairs
     from cfdpo.runio import JsonlLog
     from cfdpo.scorers import make_scorer
-    from cfdpo.variants import retain_rows
 
     r = run.recipe
     ap = answers_path(run.dir)
@@ -214,25 +231,33 @@ def _build_pairs(run: Run) -> dict[str, dict]:
     wanted = {p["id"] for p in train}
     rows = [row for row in JsonlLog(ap).rows if row["prompt_id"] in wanted]
     scorer = make_scorer(r.behaviour.scorer.name, r.behaviour.scorer.params)
-    self_scores = _self_scores(run, rows) if r.pairs.score == "self" else None
-    out = {}
-    for v in r.variants:
-        pairs, stats = _pairs_of(rows, v, r, scorer, self_scores)
-        joining = retain_rows(v) if r.pairs.retain else ()
-        if joining:  # scope-aware: the retain pairs mixed in, tagged by kind, counted per kind
-            parts, kinds = {v: pairs}, {v: stats}
-            for row in joining:
-                parts[row.name], kinds[row.name] = _pairs_of(rows, row.name, r, scorer, self_scores)
-            pairs = mix_pairs(parts, r.generation.seed)
-            stats = pair_stats(pairs, scorer, candidates=sum(k["candidates"] for k in kinds.values()))
-            stats["kinds"] = kinds
-        stats.update(filter=r.pairs.filter, best_of_k=r.pairs.best_of_k, variant=v)
-        if self_scores is not None:
-            stats["score"] = "self"  # count of candidates: what filter / best_of_k kept on the self margin
-        write_pairs(pairs, run.dir / "pairs" / v, stats)
-        out[v] = stats
+    self_scores = answer_self_scores(run, rows) if r.pairs.score == "self" else None
+    out = {v: write_variant_pairs(rows, v, r, scorer, run.dir / "pairs" / v, self_scores) for v in r.variants}
     _done(run, "pairs")
     return out
+
+
+def write_variant_pairs(rows: list[dict], variant: str, recipe: Recipe, scorer, out: Path,
+                        self_scores: dict[str, float] | None = None) -> dict:
+    """One variant's pairs from answer rows (with its retain pairs under pairs.retain) into `out`; returns their
+    stats. `self_scores` ({answer key: self-score}) with pairs.score self."""
+    from cfdpo.pairs import mix_pairs, pair_stats, write_pairs
+    from cfdpo.variants import retain_rows
+
+    pairs, stats = _pairs_of(rows, variant, recipe, scorer, self_scores)
+    joining = retain_rows(variant) if recipe.pairs.retain else ()
+    if joining:  # scope-aware: the retain pairs mixed in, tagged by kind, counted per kind
+        parts, kinds = {variant: pairs}, {variant: stats}
+        for row in joining:
+            parts[row.name], kinds[row.name] = _pairs_of(rows, row.name, recipe, scorer, self_scores)
+        pairs = mix_pairs(parts, recipe.generation.seed)
+        stats = pair_stats(pairs, scorer, candidates=sum(k["candidates"] for k in kinds.values()))
+        stats["kinds"] = kinds
+    stats.update(filter=recipe.pairs.filter, best_of_k=recipe.pairs.best_of_k, variant=variant)
+    if self_scores is not None:
+        stats["score"] = "self"  # count of candidates: what filter / best_of_k kept on the self margin
+    write_pairs(pairs, out, stats)
+    return stats
 
 
 def _pairs_of(rows: list[dict], name: str, recipe: Recipe, scorer,
@@ -247,7 +272,7 @@ def _pairs_of(rows: list[dict], name: str, recipe: Recipe, scorer,
     return pairs, pair_stats(pairs, scorer, candidates=len(plain))
 
 
-def _self_scores(run: Run, rows: list[dict]) -> dict[str, float]:
+def answer_self_scores(run: Run, rows: list[dict]) -> dict[str, float]:
     """pairs.score self: {answer key: self-score} under the base model, cached in pairs/self_scores.jsonl
     (the model is loaded only for answers the cache lacks)."""
     from cfdpo.models import load_model, load_tokenizer, model_id
@@ -269,12 +294,13 @@ def _self_scores(run: Run, rows: list[dict]) -> dict[str, float]:
 
 
 def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft: bool = False) -> list[Path]:
-    """Train one LoRA adapter per variant (and the SFT baseline with `sft=True`)."""
+    """Train one LoRA adapter per variant (and the SFT baseline with `sft=True`); with dpo.rounds > 1
+    each variant's adapter comes from its on-policy rounds (`cfdpo.rounds`)."""
     from cfdpo.pairs import load_pairs
+    from cfdpo.rounds import run_rounds
     from cfdpo.runtime import set_threads
-    from cfdpo.train import train_dpo, train_sft
-    from cfdpo.validation import plan_validation
-    from cfdpo.variants import BY_NAME, SFT_SOURCES
+    from cfdpo.train import train_sft
+    from cfdpo.variants import SFT_SOURCES
 
     r = run.recipe
     todo = variants or list(r.variants)
@@ -292,23 +318,39 @@ def train(run: Run, variants: list[str] | None = None, merge: bool = False, sft:
     if sft and src is None:
         listed = ", ".join(SFT_SOURCES[:-1]) + " or " + SFT_SOURCES[-1]
         raise CfdpoError(f"the SFT baseline needs an {listed} variant (their chosen answers are its targets)")
-    held = run.validation_prompts() if r.dpo.auto else []
-
-    def plan(variant: str):  # dpo.auto: validate under the condition the variant's DPO prompt uses
-        return plan_validation(r, held, BY_NAME[variant].prompt) if r.dpo.auto else None
-
     out = []
     with tracking.training(run.dir, r.tracking):
         for v in todo:
-            ds = load_pairs(run.dir / "pairs" / v)
-            out.append(train_dpo(run.model_path, ds, r.dpo, run.dir / "adapters" / v, merge, r.trust_remote_code,
-                                 validation=plan(v)))
+            if r.dpo.rounds > 1:
+                out.append(run_rounds(run, v, merge))
+            else:
+                out.append(train_variant(run, v, run.dir / "pairs" / v, run.dir / "adapters" / v, merge))
         if sft:
             ds = load_pairs(run.dir / "pairs" / src)
             out.append(train_sft(run.model_path, ds, r.dpo, run.dir / "adapters" / "sft", merge, r.trust_remote_code,
-                                 validation=plan(src)))
+                                 validation=validation_plan(run, src)))
     _done(run, "train")
     return out
+
+
+def train_variant(run: Run, variant: str, pairs_dir: Path, out: Path, merge: bool = False,
+                  start: Path | None = None) -> Path:
+    """The variant's DPO adapter trained on the pairs at `pairs_dir` into `out` (`start`: continuing that adapter)."""
+    from cfdpo.pairs import load_pairs
+    from cfdpo.train import train_dpo
+
+    r = run.recipe
+    return train_dpo(run.model_path, load_pairs(pairs_dir), r.dpo, out, merge, r.trust_remote_code,
+                     validation=validation_plan(run, variant), start=start)
+
+
+def validation_plan(run: Run, variant: str):
+    """dpo.auto: validation under the condition the variant's DPO prompt uses (None without dpo.auto)."""
+    from cfdpo.validation import plan_validation
+    from cfdpo.variants import BY_NAME
+
+    r = run.recipe
+    return plan_validation(r, run.validation_prompts(), BY_NAME[variant].prompt) if r.dpo.auto else None
 
 
 def evaluate(run: Run) -> dict:

@@ -236,7 +236,7 @@ class PairsSpec(_Strict):
 
 class DPOSpec(_Strict):
     # Fields newer than the recipe format, left out of the saved and hashed recipe while at their default.
-    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("auto", "min_steps", "eval_every", "patience", "max_kl")
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("auto", "min_steps", "eval_every", "patience", "max_kl", "rounds")
     beta: float = Field(default=0.1, gt=0.0, description="DPO's beta: how far the trained model may move from the "
                                                          "reference; higher keeps it closer.")
     learning_rate: float = Field(default=5e-4, gt=0.0, lt=1.0, description="Initial learning rate of the AdamW optimizer.")
@@ -280,6 +280,14 @@ class DPOSpec(_Strict):
                     "KL(base || model) on a few answers the base sampled to validation prompts stays within it "
                     "(0.1 per token lets a style move a few tokens of an answer a lot, not every token a little); "
                     "if none does, the step with the lowest KL.")
+    rounds: int = Field(
+        default=1, ge=1,
+        description="Iterative on-policy rounds: after the first round (answers of the base model, pairs, adapter), "
+                    "each further round answers the same prompts again with the previous round's adapter applied, "
+                    "builds the variant's pairs from those answers and continues training the same adapter (the DPO "
+                    "reference stays the base model). Each round costs one more generation and training; rounds "
+                    "stop early when a round's score (validation with auto, else the adapter's own control answers) "
+                    "does not improve on the previous round's. 1: a single round, no rounds/ folder.")
 
 
 class LmEvalSpec(_Strict):

@@ -11,7 +11,8 @@ the temporary directory, writes the log and renames it into place, the other ran
 Crash safety: the trainer checkpoints every `dpo.save_steps` steps into `adapters/.<name>-work/`;
 a rerun resumes from the last complete checkpoint there (and removes it after success). An
 adapter is not trained again when its `identity.json` (see `adapter_identity`: the pairs, the model,
-the dpo settings, the kind and the cfdpo version) matches; checkpoints of another identity are dropped.
+the dpo settings, the kind, the cfdpo version and the adapter it continued from) matches; checkpoints
+of another identity are dropped.
 
 On CPU the trainer keeps TRL's loss and loop but its forward is cheaper (`cfdpo.cpu_kernels`).
 
@@ -132,13 +133,22 @@ def pairs_fingerprint(ds) -> str:
     return h.hexdigest()
 
 
-def adapter_identity(kind: str, model_path: str, spec: DPOSpec, fingerprint: str) -> dict:
-    """What an adapter is made from: an adapter is current only when all of it is unchanged."""
+def training_settings(spec: DPOSpec) -> dict:
+    """The dpo settings one training uses: all but `rounds` (how often to train, not how)."""
+    return spec.model_dump(mode="json", exclude={"rounds"})
+
+
+def adapter_identity(kind: str, model_path: str, spec: DPOSpec, fingerprint: str, start: str | None = None) -> dict:
+    """What an adapter is made from: an adapter is current only when all of it is unchanged.
+
+    `start` is the hash of the adapter training continued from (`dpo.rounds`), absent for a fresh
+    adapter."""
     from cfdpo import __version__
     from cfdpo.models import model_id
 
-    return {"kind": kind, "pairs_sha256": fingerprint, "model": model_id(model_path),
-            "dpo": spec.model_dump(mode="json"), "cfdpo": __version__}
+    identity = {"kind": kind, "pairs_sha256": fingerprint, "model": model_id(model_path),
+                "dpo": training_settings(spec), "cfdpo": __version__}
+    return identity if start is None else {**identity, "start": start}
 
 
 def adapter_is_current(out: Path, identity: dict, merge: bool) -> bool:
@@ -200,12 +210,13 @@ def _validate_with(trainer, plan: ValidationPlan, tokenizer, work: Path, resume_
 
 def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: str | Path, merge: bool,
            trust_remote_code: bool, dtype: str, make_trainer, kernels: cpu_kernels.CpuKernels | None,
-           validation: ValidationPlan | None = None) -> Path:
+           validation: ValidationPlan | None = None, start: Path | None = None) -> Path:
     """Shared by DPO and SFT: skip a current adapter, resume from checkpoints, publish atomically.
 
     `make_trainer(model, tokenizer, common_args)` returns (trainer, number of examples). With a
     `validation` plan (`cfdpo.validation`), the step budget is raised to its min_steps and the
-    adapter published is the best validated step's.
+    adapter published is the best validated step's. With `start` (an adapter folder of the same
+    LoRA settings) training continues from its weights instead of a fresh adapter.
     """
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
@@ -218,7 +229,7 @@ def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: st
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     fingerprint = pairs_fingerprint(pairs_dataset)
-    identity = adapter_identity(kind, model_path, spec, fingerprint)
+    identity = adapter_identity(kind, model_path, spec, fingerprint, _start_hash(start))
     dist.on_main(lambda: remove_stale_temp_dirs(out))
     if adapter_is_current(out, identity, merge):
         dist.on_main(lambda: shutil.rmtree(out.with_name(f".{out.name}-work"), ignore_errors=True))
@@ -231,6 +242,8 @@ def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: st
         _check_targets(model, spec)
         set_seed(spec.seed)  # the LoRA init (made before the Trainer seeds) is the same on every run and rank
         trainer, n = make_trainer(model, tok, _common_args(spec, work))
+        if start is not None:
+            _load_start(trainer, start)
         cpu_kernels.apply(trainer, kernels)
         _quiet(trainer)
         _check_not_all_dropped(trainer, spec, n)
@@ -239,7 +252,7 @@ def _train(kind: str, model_path: str, pairs_dataset, spec: DPOSpec, out_dir: st
         result = trainer.train(resume_from_checkpoint=resume_from)
         count_key = "pairs" if kind == "dpo" else "examples"
         extra_log = {"kind": kind, "train_runtime": result.metrics.get("train_runtime"), count_key: n,
-                     "pairs_sha256": fingerprint, "spec": spec.model_dump(mode="json"), "identity": identity}
+                     "pairs_sha256": fingerprint, "spec": training_settings(spec), "identity": identity}
         if callback is not None:
             _use_best(trainer, callback)
             extra_log.update(callback.log(trainer.args.max_steps))
@@ -259,14 +272,33 @@ def remove_stale_temp_dirs(out: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _start_hash(start: Path | None) -> str | None:
+    from cfdpo.evaluate import adapter_hash
+
+    return None if start is None else adapter_hash(Path(start))
+
+
+def _load_start(trainer, start: Path) -> None:
+    """The weights of the adapter at `start` into the trainer's fresh adapter (a checkpoint resumed from
+    replaces them later)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = Path(start) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise CfdpoError(f"{start}: no adapter_model.safetensors to continue training from")
+    set_peft_model_state_dict(trainer.model, load_file(str(weights)))
+
+
 def train_dpo(
     model_path: str, pairs_dataset, spec: DPOSpec, out_dir: str | Path, merge: bool = False,
     trust_remote_code: bool = False, dtype: str | None = None, kernels: cpu_kernels.CpuKernels | None = None,
-    validation: ValidationPlan | None = None,
+    validation: ValidationPlan | None = None, start: Path | None = None,
 ) -> Path:
     """Train a LoRA adapter with DPO on a conversational preference dataset; returns the adapter dir.
     `kernels` chooses cfdpo's CPU training kernels (default: all that apply); `validation` (a
-    `cfdpo.validation.ValidationPlan`) turns on validation-driven training (`dpo.auto`)."""
+    `cfdpo.validation.ValidationPlan`) turns on validation-driven training (`dpo.auto`); `start` (an
+    adapter folder) continues training that adapter, the reference staying the base model."""
 
     def make(model, tok, common):
         from trl import DPOConfig, DPOTrainer
@@ -281,7 +313,7 @@ def train_dpo(
         return trainer, len(ds)
 
     return _train("dpo", model_path, pairs_dataset, spec, out_dir, merge, trust_remote_code, dtype, make, kernels,
-                  validation)
+                  validation, start)
 
 
 def train_sft(
