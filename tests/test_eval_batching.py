@@ -1,20 +1,56 @@
-"""Evaluation decodes every model in the same batches (PEFT mixed-adapter batches): its greedy answers
-are the ones each model gives decoded on its own, and a resumed evaluation decodes only missing rows."""
+"""Evaluation's batched passes give what one row at a time gives: the NLL pass (`mean_nll`, only the
+answers' positions through the LM head) and the transformers backend's mixed-adapter batches
+(`adapter_names`, measured by bench/eval_batching.py)."""
 
 from __future__ import annotations
 
-import json
-from functools import partial
+import math
 from pathlib import Path
 
 import pytest
-from conftest import tiny_recipe
 
-ADAPTERS = ("dis", "negation")
+from cfdpo.generate import GenParams
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Talk like a pirate."}, {"role": "user", "content": "Name a fruit."}],
+    [{"role": "user", "content": "Talk like a pirate.\n\nHow do magnets work? Explain in detail please."}],
+    [{"role": "user", "content": "Why is the sky blue?"}],
+]
+ANSWERS = ["Paris.", "Arr matey, a banana it be, ye landlubber!", "", "Because of the way air scatters light."]
+
+
+def reference_nll(model, tok, conversations, answers) -> float:
+    """Token-weighted NLL, one unpadded conversation at a time, every position through the LM head."""
+    import torch
+
+    total, count = 0.0, 0
+    for conv, ans in zip(conversations, answers):
+        prompt = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=False)
+        full = tok.apply_chat_template(conv + [{"role": "assistant", "content": ans}], tokenize=True,
+                                       return_dict=False)
+        if full[: len(prompt)] != prompt or len(full) <= len(prompt):
+            continue
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), -1)
+        total -= sum(float(logp[pos - 1, full[pos]]) for pos in range(len(prompt), len(full)))
+        count += len(full) - len(prompt)
+    return total / count
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_mean_nll_is_the_unbatched_nll_of_the_answer_tokens(tiny_model, batch_size):
+    from cfdpo.likelihood import mean_nll
+    from cfdpo.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    model = load_model(str(tiny_model), "float32").eval()
+    got = mean_nll(model, tok, CONVERSATIONS, ANSWERS, batch_size=batch_size)
+    assert math.isclose(got, reference_nll(model, tok, CONVERSATIONS, ANSWERS), rel_tol=1e-5)
 
 
 def save_adapter(model_dir: Path, out: Path, seed: int) -> None:
-    """A random LoRA adapter (B not zero, so it changes the answers) saved where evaluation finds it."""
+    """A random LoRA adapter (B not zero, so it changes the answers)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -25,86 +61,44 @@ def save_adapter(model_dir: Path, out: Path, seed: int) -> None:
     get_peft_model(model, config).save_pretrained(out)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tiny_model, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("run")
-    for seed, name in enumerate(ADAPTERS):
-        save_adapter(tiny_model, run / "adapters" / name, seed)
-    return run
+def test_mixed_adapter_batches_give_each_models_own_greedy_answers(tiny_model, tmp_path):
+    from peft import PeftModel
 
+    from cfdpo.backends.transformers import generate_answers
+    from cfdpo.models import load_model, load_tokenizer
 
-def plan(run: Path, tiny_model: Path, batch_size: int = 8):
-    """(models, rows by (label, condition), answer plan) of the tiny recipe's evaluation of `run`."""
-    from cfdpo import scorecard
-    from cfdpo.evaluate import AnswerPlan, EvalModels, find_adapters, plan_answers
-    from cfdpo.generate import GenParams
-    from cfdpo.prompts import load_prompts, split
-    from cfdpo.recipe import parse_recipe
+    names = ["one", "two"]
+    for seed, name in enumerate(names):
+        save_adapter(tiny_model, tmp_path / name, seed)
+    tok = load_tokenizer(str(tiny_model))
+    tok.padding_side = "left"
+    model = PeftModel.from_pretrained(load_model(str(tiny_model), "float32"), str(tmp_path / "one"), adapter_name="one")
+    model.load_adapter(str(tmp_path / "two"), adapter_name="two")
+    model.eval()
+    params = GenParams(10, 0.0, 1.0)
 
-    evaluation = {"max_new_tokens": 12, "batch_size": batch_size, "samples": 2, "temperature": 0.0}
-    recipe = parse_recipe(tiny_recipe(tiny_model, variants=list(ADAPTERS), evaluation=evaluation))
-    p = recipe.prompts
-    _, held_out = split(load_prompts(p.source), p.train_size, p.eval_size, p.seed)
-    conditions = scorecard.plan_conditions(recipe)
-    prompts_by = {c.name: scorecard.condition_prompts(c, held_out, recipe.evaluation.subset_size) for c in conditions}
-    ev = recipe.evaluation
-    answer_plan = AnswerPlan(params=GenParams(ev.max_new_tokens, 0.0, 1.0), seed=0, samples=0,
-                             sample_params=GenParams(ev.max_new_tokens, 0.8, 1.0), sample_seed=0, draw_seed=0)
-    models = EvalModels(str(tiny_model), recipe, find_adapters(run))
-    return models, plan_answers(models, conditions, prompts_by, answer_plan), answer_plan
+    def answers(conversations, adapter_names=None) -> list[str]:
+        out = [""] * len(conversations)
 
+        def on_batch(indices, texts, _counts):
+            for i, text in zip(indices, texts):
+                out[i] = text[0]
 
-def one_model_at_a_time(models, rows_by, log, batch_size: int) -> dict[str, str]:
-    """Answers by key, each model decoded in batches of its own rows only (as before mixed batches)."""
-    from cfdpo.generate import run_generation
+        generate_answers(model, tok, conversations, params, [1] * len(conversations), 3, 0, on_batch,
+                         adapter_names=adapter_names)
+        return out
 
-    for label in models.labels:
-        rows = [r for (row_label, _), planned in rows_by.items() if row_label == label for r in planned]
-        run_generation(rows, log, partial(models.generator, label), batch_size=batch_size, seed=0)
-    return {r["key"]: r["answer"] for r in log.rows}
-
-
-def test_mixed_batches_give_each_models_own_greedy_answers(run_dir, tiny_model, tmp_path):
-    from cfdpo.evaluate import decode_answers
-    from cfdpo.runio import JsonlLog
-
-    models, rows_by, answer_plan = plan(run_dir, tiny_model)
-    assert models.decode_groups() == [["base", "prompted", *ADAPTERS]]
-    alone = one_model_at_a_time(models, rows_by, JsonlLog(tmp_path / "alone.jsonl"), 8)
-    mixed = {key: row["answer"] for key, row in
-             decode_answers(models, rows_by, JsonlLog(tmp_path / "mixed.jsonl"), 8, answer_plan).items()}
-    assert mixed == alone
-    # the adapters matter: each model answers differently from base on some prompt
-    for name in ADAPTERS:
-        assert any(mixed[own["key"]] != mixed[base["key"]]
-                   for own, base in zip(rows_by[(name, "control")], rows_by[("base", "control")]))
-
-
-def test_a_label_without_adapter_name_decodes_on_its_own(run_dir, tiny_model, tmp_path, monkeypatch):
-    from cfdpo.evaluate import EvalModels, decode_answers
-    from cfdpo.runio import JsonlLog
-
-    models, rows_by, answer_plan = plan(run_dir, tiny_model)
-    own = EvalModels.adapter_name
-    monkeypatch.setattr(EvalModels, "adapter_name", lambda self, label: None if label == "dis" else own(self, label))
-    assert models.decode_groups() == [["base", "prompted", "negation"], ["dis"]]
-    alone = one_model_at_a_time(models, rows_by, JsonlLog(tmp_path / "alone.jsonl"), 8)
-    got = decode_answers(models, rows_by, JsonlLog(tmp_path / "mixed.jsonl"), 8, answer_plan)
-    assert {key: row["answer"] for key, row in got.items()} == alone
-
-
-def test_a_resumed_evaluation_decodes_only_missing_rows(run_dir, tiny_model, tmp_path):
-    from cfdpo.evaluate import decode_answers
-    from cfdpo.runio import JsonlLog
-
-    models, rows_by, answer_plan = plan(run_dir, tiny_model)
-    path = tmp_path / "answers.jsonl"
-    full = decode_answers(models, rows_by, JsonlLog(path), 8, answer_plan)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    dropped = {json.loads(line)["key"] for line in lines[3:7]}
-    path.write_text("\n".join(lines[:3] + lines[7:]) + "\n", encoding="utf-8")
-    resumed = decode_answers(models, rows_by, JsonlLog(path), 8, answer_plan)
-    after = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    assert len(after) == len(lines)
-    assert {row["key"] for row in after[len(lines) - 4:]} == dropped
-    assert {k: r["answer"] for k, r in resumed.items()} == {k: r["answer"] for k, r in full.items()}
+    alone = {}
+    for label in ["base", *names]:
+        if label == "base":
+            model.base_model.disable_adapter_layers()
+        else:
+            model.base_model.enable_adapter_layers()
+            model.set_adapter(label)
+        alone[label] = answers(CONVERSATIONS)
+    model.base_model.enable_adapter_layers()
+    labels = ["base", *names]
+    mixed = answers([c for _ in labels for c in CONVERSATIONS],
+                    [("__base__" if label == "base" else label) for label in labels for _ in CONVERSATIONS])
+    assert mixed == [a for label in labels for a in alone[label]]
+    assert alone["one"] != alone["base"] and alone["two"] != alone["base"]  # the adapters change the answers

@@ -193,29 +193,6 @@ class EvalModels:
         model, tok = self.use(label)
         return TransformersGenerator(model), tok
 
-    def adapter_name(self, label: str) -> str | None:
-        """The label's adapter in a mixed-adapter batch ("__base__" for the base model's labels), or
-        None for a label that decodes only in batches of its own (e.g. one that changes the whole model)."""
-        if label in self.adapters:
-            return label
-        return "__base__" if label in ("base", "prompted") else None
-
-    def decode_groups(self) -> list[list[str]]:
-        """The labels decoded in the same batches: every label with an `adapter_name` together, each
-        other label on its own."""
-        mixed = [label for label in self.labels if self.adapter_name(label) is not None]
-        return ([mixed] if mixed else []) + [[label] for label in self.labels if self.adapter_name(label) is None]
-
-    def group_generator(self, group: list[str]) -> tuple:
-        """(generator, tokenizer) over the group's models: the label's own model for a group of one,
-        else the base model with every adapter on, each row choosing its own (`adapter_name`)."""
-        if len(group) == 1:
-            return self.generator(group[0])
-        model, tok = self.load()
-        if self.adapters:
-            model.base_model.enable_adapter_layers()
-        return TransformersGenerator(model), tok
-
 
 @dataclass(frozen=True)
 class AnswerPlan:
@@ -259,17 +236,13 @@ def plan_answers(models: EvalModels, conditions: list[Condition], prompts_by: di
 
 def decode_answers(models: EvalModels, rows_by: dict[tuple[str, str], list[dict]], log: JsonlLog, batch_size: int,
                    plan: AnswerPlan) -> dict[str, dict]:
-    """Generate the rows not yet in `log`; returns every row with its answer, by key.
-
-    Every condition of every model in a `decode_groups` group shares the batches (fewer, fuller decode
-    steps): rows of different adapters go through PEFT's mixed-adapter batches."""
-    for group in models.decode_groups():
-        rows = [r for (row_label, _), planned in rows_by.items() if row_label in group for r in planned]
-        mixed = len(group) > 1 and bool(models.adapters)
+    """Generate the rows not yet in `log`, model by model; returns every row with its answer, by key."""
+    for label in models.labels:
+        rows = [r for (row_label, _), planned in rows_by.items() if row_label == label for r in planned]
+        # every condition of one model in the same batches: fewer, fuller decode steps
         for sampled, seed in ((False, plan.seed), (True, plan.sample_seed)):
-            run_generation([r for r in rows if r["sampled"] == sampled], log, partial(models.group_generator, group),
-                           batch_size=batch_size, seed=seed, label=f"eval {'+'.join(group)}",
-                           adapter_of=(lambda row: models.adapter_name(row["model_label"])) if mixed else None)
+            run_generation([r for r in rows if r["sampled"] == sampled], log, partial(models.generator, label),
+                           batch_size=batch_size, seed=seed, label=f"eval {label}")
     return {r["key"]: r for r in log.rows}
 
 

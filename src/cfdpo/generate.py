@@ -63,7 +63,6 @@ def plan_rows(
 def run_generation(
     rows: list[dict], log: JsonlLog, load_generator: Callable[[], tuple], batch_size: int = 16, seed: int = 0,
     label: str = "generate", have: frozenset[str] | set[str] = frozenset(),
-    adapter_of: Callable[[dict], str] | None = None,
 ) -> int:
     """Produce every planned row not yet in `log` (nor in `have`, keys written elsewhere). Returns how
     many rows were generated.
@@ -76,17 +75,15 @@ def run_generation(
     same world size only.
 
     `load_generator()` returns (generator, tokenizer), the generator from a backend's `load` (see
-    `cfdpo.backends`); it is called only when there is something to generate. With `adapter_of`
-    (rows of several models of one PEFT model in the same batches), each row decodes under the
-    adapter `adapter_of(row)` names (the transformers backend's `adapter_names`)."""
+    `cfdpo.backends`); it is called only when there is something to generate."""
     done = log.keys() | have
     missing = sum(r["key"] not in done for r in rows)
     if not missing:
         return 0
-    # one unit per model and conversation: all its planned samples at once
+    # one unit per conversation: all its planned samples at once
     units: dict[str, list[dict]] = {}
     for r in rows:
-        units.setdefault(json.dumps([r["model"], r["messages"]], sort_keys=True), []).append(r)
+        units.setdefault(json.dumps(r["messages"], sort_keys=True), []).append(r)
     unit_rows = list(units.values())
     todo = {i for i, unit in enumerate(unit_rows) if any(r["key"] not in done for r in unit)}
     params = GenParams(**unit_rows[0][0]["gen"])
@@ -102,10 +99,9 @@ def run_generation(
             done.update(r["key"] for r in out)
             prog.advance(len(out), sum(sum(c) for c in counts))
 
-        names = {} if adapter_of is None else {"adapter_names": [adapter_of(u[0]) for u in unit_rows]}
         generator.generate_answers(
             tokenizer, [u[0]["messages"] for u in unit_rows], params, [len(u) for u in unit_rows],
-            batch_size, seed, on_batch, todo, **names,
+            batch_size, seed, on_batch, todo,
         )
     return missing
 
