@@ -18,10 +18,10 @@ from cfdpo.backends.transformers import cache_kwarg, pad_batch
 
 
 def mean_nll(model, tokenizer, conversations: list[list[dict]], answers: list[str], batch_size: int = 8) -> float:
-    """Token-weighted mean NLL of `answers` given `conversations` under `model`."""
-    import torch
-
-    device = next(model.parameters()).device
+    """Token-weighted mean NLL of `answers` given `conversations` under `model`: the answer's tokens are
+    those of the conversation with the answer past those of the conversation with the generation
+    prompt (an answer whose tokens do not extend them is skipped). Only the answers' positions go
+    through the LM head (`tail_logprobs`)."""
     items = []
     for conv, ans in zip(conversations, answers):
         prompt_ids = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -32,29 +32,11 @@ def mean_nll(model, tokenizer, conversations: list[list[dict]], answers: list[st
         full_ids = full_ids["input_ids"] if isinstance(full_ids, dict) else list(full_ids)
         if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) <= len(prompt_ids):
             continue
-        items.append((full_ids, len(prompt_ids)))
-    total, count = 0.0, 0
-    pad = tokenizer.pad_token_id or 0
-    items.sort(key=lambda x: len(x[0]))
-    for b in range(0, len(items), batch_size):
-        batch = items[b : b + batch_size]
-        width = max(len(x[0]) for x in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        for r, (full, plen) in enumerate(batch):
-            ids[r, : len(full)] = torch.tensor(full)
-            mask[r, : len(full)] = 1
-            labels[r, plen : len(full)] = torch.tensor(full[plen:])
-        with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        tgt = labels[:, 1:].to(device)
-        valid = tgt != -100
-        picked = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        total += float(-(picked * valid).sum())
-        count += int(valid.sum())
-    return total / count if count else math.nan
+        items.append((full_ids, len(full_ids) - len(prompt_ids)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    picked = tail_logprobs(model, items, pad, batch_size)
+    count = sum(len(t) for t in picked)
+    return -sum(float(t.sum()) for t in picked) / count if count else math.nan
 
 
 def load_mcq(n: int | None = None) -> list[dict]:

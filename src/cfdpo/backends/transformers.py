@@ -63,9 +63,11 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
 
 
-def decode(model, ids, mask, k: int, params: GenParams, stop_ids, seed: int):
+def decode(model, ids, mask, k: int, params: GenParams, stop_ids, seed: int, adapter_names: Sequence[str] | None = None):
     """Sample `k` continuations of each left-padded row of `ids`; returns [rows*k, max_new_tokens]
     token ids (the k samples of a row next to each other), padded with the first stop id after a stop.
+    With `adapter_names` (one per row of `ids`; PEFT models only) each row runs under its own LoRA
+    adapter, "__base__" for none: PEFT's mixed-adapter batches.
 
     A plain KV-cache loop instead of `model.generate`: one prefill per prompt (the cache is repeated
     for the k samples), logits only for the last position, nucleus sampling without a full sort, and
@@ -77,13 +79,16 @@ def decode(model, ids, mask, k: int, params: GenParams, stop_ids, seed: int):
     generator = torch.Generator(device=device).manual_seed(seed)
     cache = DynamicCache(config=model.config)
     kv = cache_kwarg(model)
+    names = None if adapter_names is None else list(adapter_names)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{kv: cache})
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **{kv: cache}, **({} if names is None else {"adapter_names": names}))
     logits = out.logits[:, -1]
     last = pos[:, -1]
     if k > 1:
         cache.batch_repeat_interleave(k)
         logits, mask, last = (t.repeat_interleave(k, dim=0) for t in (logits, mask, last))
+        names = None if names is None else [name for name in names for _ in range(k)]
     n = ids.shape[0] * k
     result = torch.full((n, params.max_new_tokens), int(stop_ids[0]), dtype=torch.long, device=device)
     alive = torch.arange(n, device=device)  # result row of each row still decoding
@@ -98,10 +103,11 @@ def decode(model, ids, mask, k: int, params: GenParams, stop_ids, seed: int):
         if len(keep) < len(alive):
             cache.batch_select_indices(keep)
             alive, nxt, mask, last = alive[keep], nxt[keep], mask[keep], last[keep]
+            names = None if names is None else [names[i] for i in keep.tolist()]
         mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
         last = last + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], use_cache=True,
-                    **{kv: cache})
+                    **{kv: cache}, **({} if names is None else {"adapter_names": names}))
         logits = out.logits[:, -1]
     return result
 
@@ -109,7 +115,7 @@ def decode(model, ids, mask, k: int, params: GenParams, stop_ids, seed: int):
 def generate_answers(
     model, tokenizer, conversations: Sequence[list[dict]], params: GenParams, num_samples: Sequence[int],
     batch_size: int, seed: int, on_batch: Callable[[list[int], list[list[str]], list[list[int]]], None],
-    todo: Collection[int] | None = None,
+    todo: Collection[int] | None = None, adapter_names: Sequence[str] | None = None,
 ) -> None:
     """Generate `num_samples[i]` answers for each conversation, batched by prompt length.
 
@@ -118,6 +124,7 @@ def generate_answers(
     others run. Only the batches holding a conversation in `todo` (default: all) are decoded, whole.
     Calls `on_batch(indices, answers, token_counts)` after each batch so the caller can persist
     results as they come. The k samples of one conversation share one prefill (see `decode`).
+    `adapter_names` (one per conversation) runs each under its own PEFT adapter (see `decode`).
     """
     import torch
 
@@ -146,7 +153,8 @@ def generate_answers(
             ids, mask = pad_batch([encoded[i] for i in batch], pad_id)
             with torch.inference_mode():
                 new = decode(model, ids.to(device), mask.to(device), k, params, stop_ids.to(device),
-                             seed * 1_000_003 + b).cpu()
+                             seed * 1_000_003 + b,
+                             None if adapter_names is None else [adapter_names[i] for i in batch]).cpu()
             answers, counts = [], []
             for r in range(len(batch)):
                 texts, toks = [], []
@@ -170,8 +178,9 @@ class TransformersGenerator:
     def generate_answers(self, tokenizer, conversations: Sequence[list[dict]], params: GenParams,
                          num_samples: Sequence[int], batch_size: int, seed: int,
                          on_batch: Callable[[list[int], list[list[str]], list[list[int]]], None],
-                         todo: Collection[int] | None = None) -> None:
-        generate_answers(self.model, tokenizer, conversations, params, num_samples, batch_size, seed, on_batch, todo)
+                         todo: Collection[int] | None = None, adapter_names: Sequence[str] | None = None) -> None:
+        generate_answers(self.model, tokenizer, conversations, params, num_samples, batch_size, seed, on_batch, todo,
+                         adapter_names)
 
 
 def load(model_path: str, dtype: str, trust_remote_code: bool = False, seed: int = 0) -> TransformersGenerator:

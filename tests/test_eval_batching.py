@@ -1,0 +1,104 @@
+"""Evaluation's batched passes give what one row at a time gives: the NLL pass (`mean_nll`, only the
+answers' positions through the LM head) and the transformers backend's mixed-adapter batches
+(`adapter_names`, measured by bench/eval_batching.py)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from cfdpo.generate import GenParams
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Talk like a pirate."}, {"role": "user", "content": "Name a fruit."}],
+    [{"role": "user", "content": "Talk like a pirate.\n\nHow do magnets work? Explain in detail please."}],
+    [{"role": "user", "content": "Why is the sky blue?"}],
+]
+ANSWERS = ["Paris.", "Arr matey, a banana it be, ye landlubber!", "", "Because of the way air scatters light."]
+
+
+def reference_nll(model, tok, conversations, answers) -> float:
+    """Token-weighted NLL, one unpadded conversation at a time, every position through the LM head."""
+    import torch
+
+    total, count = 0.0, 0
+    for conv, ans in zip(conversations, answers):
+        prompt = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=False)
+        full = tok.apply_chat_template(conv + [{"role": "assistant", "content": ans}], tokenize=True,
+                                       return_dict=False)
+        if full[: len(prompt)] != prompt or len(full) <= len(prompt):
+            continue
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), -1)
+        total -= sum(float(logp[pos - 1, full[pos]]) for pos in range(len(prompt), len(full)))
+        count += len(full) - len(prompt)
+    return total / count
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_mean_nll_is_the_unbatched_nll_of_the_answer_tokens(tiny_model, batch_size):
+    from cfdpo.likelihood import mean_nll
+    from cfdpo.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    model = load_model(str(tiny_model), "float32").eval()
+    got = mean_nll(model, tok, CONVERSATIONS, ANSWERS, batch_size=batch_size)
+    assert math.isclose(got, reference_nll(model, tok, CONVERSATIONS, ANSWERS), rel_tol=1e-5)
+
+
+def save_adapter(model_dir: Path, out: Path, seed: int) -> None:
+    """A random LoRA adapter (B not zero, so it changes the answers)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+
+
+def test_mixed_adapter_batches_give_each_models_own_greedy_answers(tiny_model, tmp_path):
+    from peft import PeftModel
+
+    from cfdpo.backends.transformers import generate_answers
+    from cfdpo.models import load_model, load_tokenizer
+
+    names = ["one", "two"]
+    for seed, name in enumerate(names):
+        save_adapter(tiny_model, tmp_path / name, seed)
+    tok = load_tokenizer(str(tiny_model))
+    tok.padding_side = "left"
+    model = PeftModel.from_pretrained(load_model(str(tiny_model), "float32"), str(tmp_path / "one"), adapter_name="one")
+    model.load_adapter(str(tmp_path / "two"), adapter_name="two")
+    model.eval()
+    params = GenParams(10, 0.0, 1.0)
+
+    def answers(conversations, adapter_names=None) -> list[str]:
+        out = [""] * len(conversations)
+
+        def on_batch(indices, texts, _counts):
+            for i, text in zip(indices, texts):
+                out[i] = text[0]
+
+        generate_answers(model, tok, conversations, params, [1] * len(conversations), 3, 0, on_batch,
+                         adapter_names=adapter_names)
+        return out
+
+    alone = {}
+    for label in ["base", *names]:
+        if label == "base":
+            model.base_model.disable_adapter_layers()
+        else:
+            model.base_model.enable_adapter_layers()
+            model.set_adapter(label)
+        alone[label] = answers(CONVERSATIONS)
+    model.base_model.enable_adapter_layers()
+    labels = ["base", *names]
+    mixed = answers([c for _ in labels for c in CONVERSATIONS],
+                    [("__base__" if label == "base" else label) for label in labels for _ in CONVERSATIONS])
+    assert mixed == [a for label in labels for a in alone[label]]
+    assert alone["one"] != alone["base"] and alone["two"] != alone["base"]  # the adapters change the answers
