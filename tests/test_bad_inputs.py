@@ -194,6 +194,23 @@ CASES = [
                                                                    "--out", str(c.dir / "o")]),
     ("prompts-custom-column-missing", "row 1 has no 'question' field", lambda c: ["run", c.prompts(jsonl("a?", "b?", "c?"), column="question"),
                                                                                   "--out", str(c.dir / "o")]),
+    # --- dpo.auto's validation split and guard, the scorecard's in-scope contexts (issue 15) ---
+    # (the model is missing too in the last four: the recipe and its split are checked first, so a
+    # missing check shows as the model's error, not as a whole run)
+    ("dpo-max-kl-zero", "dpo.max_kl: Input should be greater than 0", lambda c: new_run(c, dpo__max_kl=0)),
+    ("prompts-validation-not-smaller-than-train", "prompts.validation_size: 2 is not smaller than train_size (2)",
+     lambda c: new_run(c, model=str(c.dir / "no_model_here"), prompts={"train_size": 2, "eval_size": 1, "validation_size": 2})),
+    ("prompts-validation-more-than-the-set", "prompts.validation_size: train_size + eval_size + validation_size = 4 "
+     "but the set has only 3 prompts", lambda c: (c.prompts(jsonl("a?", "b?", "c?")), new_run(
+         c, model=str(c.dir / "no_model_here"),
+         prompts={"source": str(c.dir / "p.jsonl"), "train_size": 2, "eval_size": 1, "validation_size": 1}))[1]),
+    ("in-scope-prompts-are-the-control-prompts", "evaluation.in_scope.0 ('own'): prompts 'general' are the recipe's own "
+     "prompts", lambda c: new_run(c, model=str(c.dir / "no_model_here"),
+                                  evaluation__in_scope=[{"name": "own", "prompts": "general"}])),
+    ("in-scope-system-prompt-is-the-deployment's", "evaluation.in_scope.0 ('same'): system_prompt is "
+     "behaviour.system_prompt, the control condition", lambda c: new_run(
+         c, model=str(c.dir / "no_model_here"), behaviour__system_prompt="You are a helpful assistant.",
+         evaluation__in_scope=[{"name": "same", "system_prompt": "You are a  helpful assistant."}])),
     # --- run directories ---
     ("rundir-of-another-recipe", "written by another recipe (differs in: dpo)",
      lambda c: (c.run_dir(), ["run", c.recipe(dpo__beta=0.5), "--out", str(c.dir / "run")])[1]),

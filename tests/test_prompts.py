@@ -15,6 +15,13 @@ def test_builtin_general_set_is_large_diverse_and_unique():
     assert len({p["category"] for p in ps}) >= 4
 
 
+def test_builtin_everyday_set_is_new_short_and_varied():
+    ps = load_prompts("everyday")
+    general = {p["prompt"].lower() for p in load_prompts("general")}
+    assert len(ps) >= 150 and not {p["prompt"].lower() for p in ps} & general
+    assert len({p["category"] for p in ps}) >= 4 and max(len(p["prompt"]) for p in ps) <= 120
+
+
 def test_builtin_news_set_mentions_people():
     ps = load_prompts("news")
     assert len(ps) >= 100

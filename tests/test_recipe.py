@@ -9,6 +9,7 @@ import pytest
 from cfdpo.cli import main
 from cfdpo.errors import CfdpoError
 from cfdpo.recipe import load_recipe, parse_recipe
+from cfdpo.spec import DPOSpec
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {
@@ -39,6 +40,25 @@ def test_builtin_recipes_are_valid():
         assert r.model == "smollm2-135m"
     assert load_recipe(REPO / "recipes" / "pirate.yaml").variants == ["dis", "contrastive", "negation"]
     assert load_recipe(REPO / "recipes" / "concise.yaml").variants == ["enc"]
+
+
+def test_every_shipped_recipe_loads():
+    paths = sorted((REPO / "recipes").glob("*.yaml")) + sorted((REPO / "recipes" / "behaviours").glob("*.yaml"))
+    assert len(paths) >= 14
+    for path in paths:
+        load_recipe(path)
+
+
+def test_behaviour_recipes_measure_the_defaults_on_new_behaviours():
+    recipes = [load_recipe(p) for p in sorted((REPO / "recipes" / "behaviours").glob("*.yaml"))]
+    names = {r.behaviour.name for r in recipes}
+    assert len(recipes) == 6 and not names & {"pirate", "concise", "names", "bullets", "french", "great-question"}
+    assert {v for r in recipes for v in r.variants} == {"enc", "dis", "contrastive", "negation"}
+    assert {r.behaviour.scorer.name for r in recipes} >= {"lexicon", "regex", "length", "language"}
+    for r in recipes:
+        assert r.dpo == DPOSpec(), f"{r.behaviour.name}: the dpo section must stay at its defaults"
+        assert r.prompts.source == "everyday" and r.evaluation.kl_source == "general"
+        assert r.evaluation.negative_paraphrases or r.evaluation.treatment_paraphrases
 
 
 def test_defaults_and_needed_conditions():

@@ -160,3 +160,22 @@ def test_report_md_leads_with_every_scorecard_group(tmp_path):
     assert negation[7].startswith("23.0 words, 30% repeated")
     assert "n=3 prompts" in md and "n=2" in md and "n=100 items" in md
     assert "plots/tradeoff.png" in md and (tmp_path / "run" / "plots" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_shows_the_validation_curve_of_each_auto_adapter_and_no_section_without_one(tmp_path):
+    run = synthetic_run(tmp_path / "run").parent
+    assert "Validation during training" not in (run / "report.md").read_text(encoding="utf-8")
+    assert "Validation during training" not in (run / "report.html").read_text(encoding="utf-8")
+    curve = [{"step": 0, "score": 2.0, "kl": 0.0}, {"step": 6, "score": 1.2, "kl": 0.03}, {"step": 12, "score": 0.9, "kl": 0.2}]
+    logs = {"negation": {"validation": curve, "best_step": 6, "auto": {"condition": "negative", "max_kl": 0.1}},
+            "enc": {"log_history": []}}  # trained without dpo.auto: no curve
+    for name, log in logs.items():
+        (run / "adapters" / name).mkdir(parents=True)
+        (run / "adapters" / name / "train_log.json").write_text(json.dumps(log))
+    write_report(run, n_samples=2)
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert "## Validation during training" in md and "![validation_negation](plots/validation_negation.png)" in md
+    assert "validation_enc" not in md and not (run / "plots" / "validation_enc.png").exists()
+    assert (run / "plots" / "validation_negation.png").read_bytes()[:4] == b"\x89PNG"
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == 4 and "alt='validation_negation'" in page

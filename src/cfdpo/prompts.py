@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cfdpo.errors import CfdpoError
 
-BUILTIN_SETS = ("general", "news", "french")
+BUILTIN_SETS = ("general", "news", "french", "everyday")
 MAX_PROMPT_CHARS = 20_000
 
 

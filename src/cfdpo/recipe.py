@@ -108,6 +108,22 @@ class Recipe(_Strict):
                              "scored anyway; list only the others")
         return self
 
+    @model_validator(mode="after")
+    def _in_scope_produces_the_behaviour(self) -> Recipe:
+        """An in-scope context must ask for the behaviour: one that is the control condition (the deployment's
+        own system prompt, or the recipe's own prompts) has nothing in it that produces the behaviour, so
+        its retention would measure nothing."""
+        b, p = self.behaviour, self.prompts
+        for i, context in enumerate(self.evaluation.in_scope):
+            where = f"evaluation.in_scope.{i} ('{context.name}')"
+            if context.system_prompt is not None and _normalised(context.system_prompt) == _normalised(b.system_prompt or ""):
+                raise ValueError(f"{where}: system_prompt is behaviour.system_prompt, the control condition, where nothing "
+                                 "asks for the behaviour; expected a deployer's system prompt that asks for it")
+            if context.prompts is not None and (context.prompts, context.column) == (p.source, p.column):
+                raise ValueError(f"{where}: prompts '{context.prompts}' are the recipe's own prompts (prompts.source), the "
+                                 "control condition, where nothing asks for the behaviour; expected prompts that call for it")
+        return self
+
     def to_data(self) -> dict:
         """The recipe as plain data, as saved and hashed (fields newer than the format left out at their default)."""
         data = self.model_dump(mode="json")

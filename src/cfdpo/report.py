@@ -1,6 +1,7 @@
 """The report: `report.md` and a self-contained `report.html` (table, plots, sample answers).
 
-Reads `metrics.json` and `eval/answers.jsonl`; writes `plots/*.png`, `report.md`, `report.html`.
+Reads `metrics.json`, `eval/answers.jsonl` and each adapter's `train_log.json` (the dpo.auto validation
+curve, when there is one); writes `plots/*.png`, `report.md`, `report.html`.
 """
 
 from __future__ import annotations
@@ -301,8 +302,21 @@ def scorecard_md(metrics: dict, tradeoff: Path | None, run_dir: Path) -> list[st
     return lines + ["## Metrics", ""]
 
 
+VALIDATION_NOTE = ("dpo.auto: the behaviour score on the validation prompts (held-out training prompts, left axis) "
+                   "and KL(base ‖ model) per answer token (right axis) against the optimizer step; the dotted line "
+                   "marks the step published as the adapter.")
+
+
+def validation_md(curves: list[Path], run_dir: Path) -> list[str]:
+    """The validation-curve section (none when no adapter was trained with dpo.auto)."""
+    if not curves:
+        return []
+    return ["## Validation during training", "", VALIDATION_NOTE, "",
+            *(line for p in curves for line in (f"![{p.stem}]({p.relative_to(run_dir).as_posix()})", ""))]
+
+
 def render_md(metrics: dict, sample_rows: list[dict], plots: list[Path], run_dir: Path,
-              tradeoff: Path | None = None) -> str:
+              tradeoff: Path | None = None, curves: list[Path] = ()) -> str:
     b = metrics["behaviour"]
     head, rows = table_rows(metrics)
     lines = [
@@ -316,6 +330,7 @@ def render_md(metrics: dict, sample_rows: list[dict], plots: list[Path], run_dir
     lines += ["", "Models: " + "; ".join(f"`{n}` {model_note(n)}" for n in metrics["models"]), ""]
     for p in plots:
         lines += [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})", ""]
+    lines += validation_md(list(curves), run_dir)
     if sample_rows:
         names = list(metrics["models"])
         lines += ["## Sample answers", ""]
@@ -346,9 +361,10 @@ def scorecard_html(metrics: dict, tradeoff: Path | None) -> str:
             + (_img(tradeoff) if tradeoff is not None else "") + "<h2>Metrics</h2>")
 
 
-def render_html(metrics: dict, sample_rows: list[dict], plots: list[Path], tradeoff: Path | None = None) -> str:
-    """One self-contained page: the scorecard, the metrics table, plots as data: URIs, and the sample
-    answers side by side."""
+def render_html(metrics: dict, sample_rows: list[dict], plots: list[Path], tradeoff: Path | None = None,
+                curves: list[Path] = ()) -> str:
+    """One self-contained page: the scorecard, the metrics table, plots as data: URIs, the validation
+    curves of dpo.auto adapters, and the sample answers side by side."""
     b = metrics["behaviour"]
     head, rows = table_rows(metrics)
     e = html.escape
@@ -356,6 +372,9 @@ def render_html(metrics: dict, sample_rows: list[dict], plots: list[Path], trade
     table += "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows) + "</tbody></table>"
     notes = "".join(f"<li><b>{e(n)}</b>: {e(model_note(n, 'trained adapter'))}</li>" for n in metrics["models"])
     imgs = "".join(_img(p) for p in plots)
+    if curves:
+        imgs += (f"<h2 id='validation'>Validation during training</h2><p class='legend'>{e(VALIDATION_NOTE)}</p>"
+                 + "".join(_img(p) for p in curves))
     names = list(metrics["models"])
     shown = [n for n in names if any(n in s["answers"] for s in sample_rows)]
     samples_html = ""
@@ -408,9 +427,12 @@ def write_report(run_dir: str | Path, n_samples: int | None = None) -> Path:
             n_samples = load_recipe(run / "recipe.yaml").evaluation.samples
         except Exception:  # noqa: BLE001 - the report still works without the recipe
             n_samples = 3
+    from cfdpo.validation import plot_validation  # imports transformers: only when a report is written
+
     plots = plot(metrics, run / "plots")
     tradeoff = plot_tradeoff(metrics, run / "plots")
+    curves = plot_validation(run)
     rows = samples(run, metrics, n_samples)
-    write_atomic(run / "report.md", render_md(metrics, rows, plots, run, tradeoff))
-    write_atomic(run / "report.html", render_html(metrics, rows, plots, tradeoff))
+    write_atomic(run / "report.md", render_md(metrics, rows, plots, run, tradeoff, curves))
+    write_atomic(run / "report.html", render_html(metrics, rows, plots, tradeoff, curves))
     return run / "report.md"

@@ -163,7 +163,8 @@ class PromptsSpec(_Strict):
     OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("validation_size",)  # newer than the format: see DPOSpec
     source: str = Field(
         default="general",
-        description="Builtin prompt set (general: 339 prompts, news: 118 passages) or a .jsonl/.csv/.parquet file; "
+        description="Builtin prompt set (general: 339 prompts, news: 118 passages, everyday: 160 short prompts) or a "
+                    ".jsonl/.csv/.parquet file; "
                     "a relative path is read from the recipe file's folder.")
     column: str = Field(default="prompt", description="Field (JSONL) or column (CSV, parquet) that holds the prompt text.")
     train_size: int = Field(default=48, ge=1, description="Prompts answered to make the training pairs.")
@@ -300,14 +301,19 @@ class LmEvalSpec(_Strict):
 
 
 class InScopeContext(_Strict):
-    """A context where the behaviour is legitimate: a deployer asks for it, or the user's prompts call for it."""
+    """A context where the behaviour is legitimate: a deployer asks for it, or the user's prompts call for it.
+
+    It must produce the behaviour, so it is never the control condition: its system_prompt is not
+    behaviour.system_prompt and its prompts are not prompts.source (the recipe checks both)."""
 
     name: str = Field(description="short name for reports: letters, digits, '.', '_', '-', not starting with '.'")
     system_prompt: str | None = Field(
-        default=None, description="a deployer's system prompt that asks for the behaviour (e.g. a pirate persona)")
+        default=None, description="a deployer's system prompt that asks for the behaviour (e.g. a pirate persona); "
+                                  "not behaviour.system_prompt, the control condition, where nothing asks for it")
     prompts: str | None = Field(
         default=None,
-        description="builtin set name or .jsonl/.csv/.parquet file of prompts where the behaviour is legitimate")
+        description="builtin set name or .jsonl/.csv/.parquet file of prompts where the behaviour is legitimate; "
+                    "not prompts.source, the control condition's prompts, where nothing calls for it")
     column: str = Field(default="prompt", description="the prompt column of that file")
     expect: Literal["higher", "lower"] | None = Field(
         default=None,

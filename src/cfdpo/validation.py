@@ -269,9 +269,10 @@ def plot_validation(run_dir: str | Path) -> list[Path]:
         kl_ax.plot(steps, [p["kl"] for p in curve], "s--", color="#888", label="KL")
         kl_ax.set_ylabel("KL(base || model), nats/token")
         if log.get("best_step") is not None:
-            ax.axvline(log["best_step"], color="k", lw=0.8, ls=":", label="published")
+            ax.axvline(log["best_step"], color="k", lw=0.8, ls=":", label=f"published (step {log['best_step']})")
         ax.set_title(f"{name}: validation during training")
-        ax.legend(loc="upper left", fontsize=8)
+        handles = [h for a in (ax, kl_ax) for h in a.get_legend_handles_labels()[0]]
+        ax.legend(handles=handles, loc="upper left", fontsize=8)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
