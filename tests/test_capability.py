@@ -98,3 +98,29 @@ def test_kl_prompts_avoid_the_recipes_train_and_eval_prompts():
     train, held_out = split(load_prompts("general"), 200, 100, 2)
     assert len(rows) == 30
     assert not {r["id"] for r in rows} & {r["id"] for r in train + held_out}
+
+
+def test_kl_answers_are_sampled_from_base_as_it_is(monkeypatch, tmp_path):
+    """The estimate is unbiased only for answers drawn from base's own distribution: temperature 1, no
+    nucleus cut, whatever the recipe samples its training answers with (here 0.7 / 0.9)."""
+    from types import SimpleNamespace
+
+    import cfdpo.evaluate as E
+    from cfdpo.validation import plan_validation
+
+    recipe = Recipe.model_validate({
+        "behaviour": {"name": "x", "negative": "Talk like a pirate.", "scorer": {"name": "length", "desired": "lower"}},
+        "prompts": {"source": "general", "train_size": 20, "eval_size": 10},
+        "generation": {"temperature": 0.7, "top_p": 0.9},
+        "variants": ["negation"], "evaluation": {"kl_prompts": 3, "max_new_tokens": 16}})
+    sampled_with = []
+    monkeypatch.setattr(E, "sample_answer_ids",
+                        lambda model, tok, convs, params, seed, batch: sampled_with.append(params) or [[1]] * len(convs))
+    monkeypatch.setattr(E, "answer_token_logprobs", lambda model, tok, convs, ids, batch: [[-1.0]] * len(convs))
+    models = SimpleNamespace(recipe=recipe, base_id="m", labels=["base"], tags={"base": "-"},
+                             use=lambda label: (None, None), instruction=lambda label: None)
+    plan = E.AnswerPlan(params=GenParams(16, 0.0, 1.0), seed=0, samples=0, sample_params=GenParams(16, 0.7, 0.9),
+                        sample_seed=0, draw_seed=0)
+    E.kl_results(models, tmp_path / "kl.json", plan, 4)
+    assert sampled_with == [GenParams(16, 1.0, 1.0)]
+    assert plan_validation(recipe, [{"id": "a", "prompt": "Hi?"}], "negative").kl_params == GenParams(16, 1.0, 1.0)

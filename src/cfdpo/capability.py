@@ -1,7 +1,7 @@
 """What alignment cost: KL(base || model) on base's own sampled answers, and the MCQ accuracy's error.
 
-The KL estimate: the base model samples one answer (seeded, at `generation.temperature` / `top_p`)
-to each of `evaluation.kl_prompts` prompts from `evaluation.kl_source`, asked as the control prompt.
+The KL estimate: the base model samples one answer (seeded, at temperature 1 with no nucleus cut:
+base's own distribution, not the recipe's sampling settings) to each of `evaluation.kl_prompts` prompts from `evaluation.kl_source`, asked as the control prompt.
 When that source is the recipe's own prompt set, only prompts in neither the training nor the
 evaluation split are used. Each answer is kept as the token ids base sampled: every token up to
 and including the end-of-turn token when the answer ended by itself, none after a cut-off answer.
@@ -30,6 +30,13 @@ def kl_prompt_rows(recipe: Recipe) -> list[dict]:
         used = {r["prompt"] for r in train + held_out}
         rows = [r for r in rows if r["prompt"] not in used]
     return rows[: ev.kl_prompts]
+
+
+def kl_sample_params(max_new_tokens: int) -> GenParams:
+    """How base's KL answers are sampled: from its own distribution (temperature 1, top_p 1). At a lower
+    temperature the answers are base's most likely ones, which a sharper model can rate higher than
+    base does, and the estimate is biased (it can go below zero)."""
+    return GenParams(max_new_tokens, 1.0, 1.0)
 
 
 def sample_answer_ids(model, tokenizer, conversations: list[list[dict]], params: GenParams, seed: int,

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from cfdpo import counterfactual, scorecard, stats, variants
 from cfdpo.backends.transformers import TransformersGenerator
-from cfdpo.capability import kl_prompt_rows, kl_summary, mcq_summary, sample_answer_ids
+from cfdpo.capability import kl_prompt_rows, kl_sample_params, kl_summary, mcq_summary, sample_answer_ids
 from cfdpo.errors import CfdpoError
 from cfdpo.generate import GenParams, row_key, run_generation
 from cfdpo.likelihood import answer_token_logprobs, load_mcq, mcq_accuracy, mean_nll
@@ -287,20 +287,21 @@ def answer_nlls(models: EvalModels, rows_by: dict[tuple[str, str], list[dict]], 
 
 
 def kl_results(models: EvalModels, path: Path, plan: AnswerPlan, batch_size: int) -> dict[str, dict]:
-    """Per model label: KL(base || model) on base's sampled answers to the KL prompts (`capability`);
+    """Per model label: KL(base || model) on base's sampled answers (`kl_sample_params`) to the KL prompts;
     base's answers and every model's log-probs of them are cached in `path`."""
     b = models.recipe.behaviour
     rows = kl_prompt_rows(models.recipe)
     if not rows:
         return {label: kl_summary([], []) for label in models.labels}
     convs = [counterfactual.conversation(r["prompt"], None, b.placement, b.system_prompt) for r in rows]
-    answers_key = hashlib.sha256(json.dumps([models.base_id, convs, plan.sample_params.as_dict(), plan.sample_seed])
+    params = kl_sample_params(plan.sample_params.max_new_tokens)
+    answers_key = hashlib.sha256(json.dumps([models.base_id, convs, params.as_dict(), plan.sample_seed])
                                  .encode()).hexdigest()[:24]
     cache = read_json(path) if path.is_file() else {}
     if cache.get("answers_key") != answers_key:
         model, tok = models.use("base")
         cache = {"answers_key": answers_key,
-                 "answer_ids": sample_answer_ids(model, tok, convs, plan.sample_params, plan.sample_seed, batch_size)}
+                 "answer_ids": sample_answer_ids(model, tok, convs, params, plan.sample_seed, batch_size)}
         write_json(path, cache)
     answer_ids = cache["answer_ids"]
 

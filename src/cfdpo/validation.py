@@ -31,6 +31,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from cfdpo import counterfactual, dist
+from cfdpo.capability import kl_sample_params
 from cfdpo.generate import GenParams
 from cfdpo.runio import read_json, write_atomic, write_json
 
@@ -67,7 +68,7 @@ def plan_validation(recipe, prompts: list[dict], condition: str) -> ValidationPl
         kl_conversations=[counterfactual.messages(p["prompt"], "control", b) for p in prompts[:KL_ANSWERS]],
         condition=condition, scorer=make_scorer(b.scorer.name, b.scorer.params), desired=b.scorer.desired,
         answer_params=GenParams(ev.max_new_tokens, 0.0, 1.0),
-        kl_params=GenParams(ev.max_new_tokens, g.temperature, g.top_p),
+        kl_params=kl_sample_params(ev.max_new_tokens),
         batch_size=ev.batch_size, seed=g.seed, min_steps=dpo.min_steps, eval_every=dpo.eval_every,
         patience=dpo.patience, max_kl=dpo.max_kl,
     )
