@@ -4,8 +4,8 @@ The vector is the contrastive activation addition (CAA) kind: from the run's own
 (answers.jsonl), each given the control conversation x_c, the mean over answers of the mean output of
 decoder layer L over the answer's tokens, for the desired answers minus the undesired ones:
 v_L = mean(h_L | x_c, y_desired) - mean(h_L | x_c, y_undesired). Desired and undesired follow the
-instructions the behaviour has (`contrast`): treatment vs negative; with one instruction, that
-instruction's answers vs the control answers. One forward pass over the answers gives every layer's
+conditions the run generated (`contrast`): treatment vs negative; with one instruction's answers,
+those vs the control answers. One forward pass over the answers gives every layer's
 vector (hooks on the decoder layers, not `output_hidden_states`, whose last entry is after the final
 norm), and each layer's mean residual norm over the same answer tokens.
 
@@ -41,13 +41,13 @@ GRID_STRENGTHS = (0.25, 0.5, 1.0)  # strengths tried, in units of the layer's me
 DEGENERATE_MARGIN = 0.1
 
 
-def contrast(behaviour: Behaviour) -> tuple[str, str]:
-    """(desired, undesired) conditions of the training answers the vector is made from."""
-    if behaviour.treatment is not None and behaviour.negative is not None:
+def contrast(generated: list[str]) -> tuple[str, str]:
+    """(desired, undesired): the conditions of the training answers the vector is made from, given the
+    conditions generation answered (`Recipe.needed_conditions`): treatment vs negative when both were
+    answered, else the one instruction's answers vs the control answers."""
+    if "treatment" in generated and "negative" in generated:
         return "treatment", "negative"
-    if behaviour.treatment is not None:
-        return "treatment", "control"
-    return "control", "negative"
+    return ("treatment", "control") if "treatment" in generated else ("control", "negative")
 
 
 def decoder_layers(model):
@@ -178,10 +178,11 @@ class SteeringVectors:
         return direction * (strength * self.residual_norms[layer] / direction.norm())
 
 
-def contrast_answers(rows: list[dict], behaviour: Behaviour) -> tuple[list[tuple[list[dict], str]], list[tuple[list[dict], str]]]:
+def contrast_answers(rows: list[dict], behaviour: Behaviour,
+                     conditions: tuple[str, str]) -> tuple[list[tuple[list[dict], str]], list[tuple[list[dict], str]]]:
     """The (control conversation, answer) pairs of the desired and of the undesired training answers
-    (non-empty ones, in the order of `rows`; rows of older runs name their condition `variant`)."""
-    desired, undesired = contrast(behaviour)
+    (`conditions`; non-empty answers, in the order of `rows`; rows of older runs name their condition `variant`)."""
+    desired, undesired = conditions
     split: dict[str, list] = {desired: [], undesired: []}
     for row in rows:
         condition = row.get("condition", row.get("variant"))
@@ -191,11 +192,11 @@ def contrast_answers(rows: list[dict], behaviour: Behaviour) -> tuple[list[tuple
     return split[desired], split[undesired]
 
 
-def steering_vectors(model, tokenizer, model_id: str, behaviour: Behaviour, train_rows: list[dict], cache: Path,
-                     batch_size: int) -> SteeringVectors:
-    """Every layer's steering vector from the training answers; cached in `cache` under their key."""
-    desired, undesired = contrast_answers(train_rows, behaviour)
-    conditions = contrast(behaviour)
+def steering_vectors(model, tokenizer, model_id: str, behaviour: Behaviour, conditions: tuple[str, str],
+                     train_rows: list[dict], cache: Path, batch_size: int) -> SteeringVectors:
+    """Every layer's steering vector from the training answers of `conditions` (desired, undesired);
+    cached in `cache` under their key."""
+    desired, undesired = contrast_answers(train_rows, behaviour, conditions)
     if not desired or not undesired:
         raise CfdpoError(f"evaluation.baselines: steering needs {conditions[0]} and {conditions[1]} answers in "
                          "answers.jsonl; run `cfdpo generate` first")
@@ -276,7 +277,8 @@ def choose(model, tokenizer, model_id: str, recipe, train_rows: list[dict], vali
     from cfdpo.backends.transformers import TransformersGenerator
 
     b, spec = recipe.behaviour, recipe.evaluation.steering
-    vectors = steering_vectors(model, tokenizer, model_id, b, train_rows, eval_dir / "steering.json", batch_size)
+    vectors = steering_vectors(model, tokenizer, model_id, b, contrast(recipe.needed_conditions()), train_rows,
+                               eval_dir / "steering.json", batch_size)
     points = grid_points(len(decoder_layers(model)), spec)
     if len(points) == 1:
         return SteeringChoice(vectors, *points[0])
