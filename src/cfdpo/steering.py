@@ -126,32 +126,34 @@ def answer_activations(model, tokenizer, conversations: list[list[dict]], answer
         prompt_ids = list(prompt_ids["input_ids"] if isinstance(prompt_ids, dict) else prompt_ids)
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         items.append((prompt_ids + answer_ids, len(prompt_ids)))
-    captured: list = [None] * len(layers)
+    batch_means: list = [None] * len(layers)  # per layer: this batch's [rows, hidden] answer means
+    norm_sums = torch.zeros(len(layers))
+    weights = None  # this batch's answer-token mask, [rows, width, 1]
 
-    def capture(index):
+    def reduce(index):  # each layer's output reduced as it is made: no [layers, tokens, hidden] copy is kept
         def hook(module, args, output):
-            captured[index] = layer_outputs(output).float()
+            hidden = layer_outputs(output).float()
+            batch_means[index] = ((hidden * weights).sum(1) / weights.sum(1)).cpu()
+            norm_sums[index] += float((hidden.norm(dim=-1) * weights[..., 0]).sum())
         return hook
 
-    handles = [layer.register_forward_hook(capture(i)) for i, layer in enumerate(layers)]
-    means, norm_sums, n_tokens = [], torch.zeros(len(layers)), 0
+    handles = [layer.register_forward_hook(reduce(i)) for i, layer in enumerate(layers)]
+    means, n_tokens = [], 0
     try:
         for b in range(0, len(items), batch_size):
             batch = items[b : b + batch_size]
             width = max(len(ids) for ids, _ in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
-            answer_mask = torch.zeros((len(batch), width))
+            answer_mask = torch.zeros((len(batch), width, 1))
             for row, (seq, start) in enumerate(batch):  # right-padded: every real token keeps its position
                 ids[row, : len(seq)] = torch.tensor(seq)
                 mask[row, : len(seq)] = 1
                 answer_mask[row, start : len(seq)] = 1
+            weights = answer_mask.to(device)
             with torch.inference_mode():
-                model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            hidden = torch.stack([h.cpu() for h in captured], 1)  # [batch, layers, width, hidden]
-            weights = answer_mask[:, None, :, None]
-            means.append((hidden * weights).sum(2) / answer_mask.sum(1)[:, None, None])
-            norm_sums += (hidden.norm(dim=-1) * answer_mask[:, None, :]).sum((0, 2))
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1)
+            means.append(torch.stack(batch_means, 1))
             n_tokens += int(answer_mask.sum())
     finally:
         for handle in handles:
