@@ -3,11 +3,13 @@ capability, drift) plus today's per-model summaries.
 
 Models: `base`, `prompted` (the base model given the treatment instruction; for a negative-only
 behaviour, the base model with the negative instruction removed) and every trained adapter found
-under `adapters/`. Each answers every condition of `scorecard.plan_conditions(recipe)` on that
-condition's prompts (`scorecard.condition_prompts`): one answer per prompt at `evaluation.temperature`
-(greedy by default) and `evaluation.samples_per_prompt` more at `generation.temperature` / `top_p`,
-seeded with `generation.seed`. A prompt's score is the mean over its answers; per condition the
-model gets `stats.summary` over prompts and `stats.paired` against base, in-scope conditions also a
+under `adapters/`, and with `evaluation.baselines: [steering]` the `steering` model (the base model
+with a steering vector added to one layer, see `cfdpo.steering`; its choice of layer and strength goes
+to metrics.json under the model's `steering`). Each answers every condition of
+`scorecard.plan_conditions(recipe)` on that condition's prompts (`scorecard.condition_prompts`): one
+answer per prompt at `evaluation.temperature` (greedy by default) and `evaluation.samples_per_prompt`
+more at `generation.temperature` / `top_p`, seeded with `generation.seed`. A prompt's score is the
+mean over its answers; per condition the model gets `stats.summary` over prompts and `stats.paired` against base, in-scope conditions also a
 retention (`scorecard.retention`), and the paraphrase and placement conditions of the headline
 instruction are pooled per prompt (`scorecard.group_entries`). `drift` covers the main control answers.
 `capability` holds KL(base || model) on base's sampled answers (see `cfdpo.capability`) and the MCQ
@@ -36,11 +38,11 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from cfdpo import counterfactual, scorecard, stats, variants
+from cfdpo import counterfactual, scorecard, stats, steering, variants
 from cfdpo.backends.transformers import TransformersGenerator
 from cfdpo.capability import kl_prompt_rows, kl_sample_params, kl_summary, mcq_summary, sample_answer_ids
 from cfdpo.errors import CfdpoError
-from cfdpo.generate import GenParams, row_key, run_generation
+from cfdpo.generate import GenParams, answers_path, row_key, run_generation
 from cfdpo.likelihood import answer_token_logprobs, load_mcq, mcq_accuracy, mean_nll
 from cfdpo.recipe import Recipe
 from cfdpo.runio import JsonlLog, read_json, write_json
@@ -134,8 +136,9 @@ def lm_eval_scores(model, tokenizer, spec, instruction: str | None, batch_size: 
 
 
 class EvalModels:
-    """The models under evaluation by label: `base`, `prompted` and each adapter. One copy of the base
-    model carries every adapter; it is loaded on first use and `use(label)` switches to the label's."""
+    """The models under evaluation by label: `base`, `prompted`, `steering` when added and each adapter.
+    One copy of the base model carries every adapter; it is loaded on first use and `use(label)` switches
+    to the label's (for `steering`: the base model with the steering hook on, for every other label off)."""
 
     def __init__(self, model_path: str, recipe: Recipe, adapters: dict[str, Path]):
         from cfdpo.models import model_id
@@ -147,6 +150,14 @@ class EvalModels:
         self.labels = ["base", "prompted", *adapters]
         self.tags = {label: adapter_hash(adapters[label]) if label in adapters else "-" for label in self.labels}
         self.loaded: tuple | None = None
+        self.steering = None  # the steering.SteeringChoice of the `steering` label, once added
+        self.hook = None  # the steering hook's handle while `steering` is in use
+
+    def add_steering(self, choice) -> None:
+        """Add the `steering` label (after `prompted`): the base model with `choice`'s vector added."""
+        self.steering = choice
+        self.labels.insert(2, "steering")
+        self.tags["steering"] = choice.tag
 
     def model_name(self, label: str) -> str:
         """The model's name in answer rows (and so in their cache keys)."""
@@ -178,8 +189,14 @@ class EvalModels:
         return self.loaded
 
     def use(self, label: str) -> tuple:
-        """(model, tokenizer) with the label's adapter active (none for `base` and `prompted`)."""
+        """(model, tokenizer) with the label's adapter active (none for `base`, `prompted` and `steering`)
+        and the steering hook on for `steering` only."""
         model, tok = self.load()
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+        if label == "steering":
+            self.hook = steering.add_to_layer(model, self.steering.layer, self.steering.delta())
         if self.adapters:
             if label in self.adapters:
                 model.base_model.enable_adapter_layers()
@@ -377,14 +394,19 @@ def assemble_metrics(recipe: Recipe, scorer, conditions: list[Condition], prompt
     }
 
 
-def evaluate_run(run_dir: str | Path, recipe: Recipe, model_path: str, eval_prompts: list[dict]) -> dict:
-    """Answer, score and measure every model under every scorecard condition; writes and returns metrics.json."""
+def evaluate_run(run_dir: str | Path, recipe: Recipe, model_path: str, eval_prompts: list[dict],
+                 validation_prompts: list[dict] | None = None) -> dict:
+    """Answer, score and measure every model under every scorecard condition; writes and returns metrics.json.
+    `validation_prompts`: where the steering baseline's unset layer and strength are chosen."""
     run = Path(run_dir)
     b = recipe.behaviour
     ev, gen = recipe.evaluation, recipe.generation
     scorer = make_scorer(b.scorer.name, b.scorer.params)
     if ev.lm_eval:
         lm_eval_check(ev.lm_eval)
+    if "steering" in ev.baselines:
+        steering.check_spec(ev.steering, steering.layer_count(model_path, recipe.trust_remote_code),
+                            len(validation_prompts or []))
     conditions = scorecard.plan_conditions(recipe)
     prompts_by = {cond.name: scorecard.condition_prompts(cond, eval_prompts, ev.subset_size) for cond in conditions}
     plan = AnswerPlan(params=GenParams(ev.max_new_tokens, ev.temperature, ev.top_p),
@@ -393,6 +415,11 @@ def evaluate_run(run_dir: str | Path, recipe: Recipe, model_path: str, eval_prom
                       sample_params=GenParams(ev.max_new_tokens, gen.temperature, gen.top_p),
                       sample_seed=gen.seed, draw_seed=gen.seed)
     models = EvalModels(model_path, recipe, find_adapters(run))
+    if "steering" in ev.baselines:
+        model, tok = models.use("base")
+        models.add_steering(steering.choose(model, tok, models.base_id, recipe, JsonlLog(answers_path(run)).rows,
+                                            validation_prompts or [], scorer, plan.params, plan.seed, run / "eval",
+                                            ev.batch_size))
 
     rows_by = plan_answers(models, conditions, prompts_by, plan)
     done = decode_answers(models, rows_by, JsonlLog(run / "eval" / "answers.jsonl"), ev.batch_size, plan)
@@ -402,5 +429,7 @@ def evaluate_run(run_dir: str | Path, recipe: Recipe, model_path: str, eval_prom
     mcq = mcq_results(models, run / "eval" / "mcq.json", ev.mcq_items, ev.batch_size) if ev.mcq else None
     lm_eval = lm_eval_results(models, run / "eval" / "lm_eval.json", ev.lm_eval, ev.batch_size) if ev.lm_eval else None
     metrics = assemble_metrics(recipe, scorer, conditions, prompts_by, entries, nlls, kl, mcq, lm_eval)
+    if models.steering is not None:
+        metrics["models"]["steering"]["steering"] = models.steering.record()
     write_json(run / "metrics.json", metrics)
     return metrics

@@ -365,7 +365,7 @@ def _evaluate(run: Run) -> dict:
     set_threads()
     _, held_out = run.split()
     check_adapters(run.dir / "adapters")
-    metrics = evaluate_run(run.dir, run.recipe, run.model_path, held_out)
+    metrics = evaluate_run(run.dir, run.recipe, run.model_path, held_out, run.validation_prompts())
     _done(run, "evaluate")
     tracking.log_results(run.dir, run.recipe.tracking)
     return metrics

@@ -21,6 +21,8 @@ MODEL_NOTES = {
     "base": "the model as it is",
     "prompted": "base model given the instruction at inference (the teacher)",
     "sft": "SFT context-distillation baseline",
+    "steering": "base model with a steering vector added to one layer's residual stream (CAA-style mean "
+                "difference of the training answers' activations; its layer and strength are in metrics.json)",
 }
 
 

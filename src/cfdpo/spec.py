@@ -337,6 +337,18 @@ class InScopeContext(_Strict):
         return self
 
 
+class SteeringSpec(_Strict):
+    layer: int | None = Field(
+        default=None, ge=0,
+        description="Decoder layer (0 = the first) whose output the steering vector is added to. Unset: chosen on "
+                    "the validation prompts among the layers at 1/4, 1/2 and 3/4 of the model's depth.")
+    strength: float | None = Field(
+        default=None, ge=0.0,
+        description="How much of the unit steering vector is added, in units of that layer's mean residual-stream "
+                    "norm over the training answers' tokens (0: no change). Unset: chosen on the validation prompts "
+                    "among 0.25, 0.5 and 1.")
+
+
 class EvalSpec(_Strict):
     max_new_tokens: int = Field(default=96, ge=1, le=8192, description="Longest evaluation answer, in tokens.")
     temperature: float = Field(default=0.0, ge=0.0, le=5.0,
@@ -371,12 +383,20 @@ class EvalSpec(_Strict):
     kl_source: str = Field(
         default="general", min_length=1,
         description="builtin set or prompt file for the KL estimate: prompts unrelated to the behaviour")
+    baselines: list[Literal["steering"]] = Field(
+        default_factory=list,
+        description="Extra models scored on the same scorecard: steering (the base model with a CAA-style steering "
+                    "vector, the mean difference of the treatment and negative training answers' activations, added "
+                    "to one layer). Default: none.")
+    steering: SteeringSpec = Field(
+        default_factory=SteeringSpec,
+        description="The steering baseline's layer and strength; unset ones are chosen on the validation prompts.")
 
     # Scorecard fields: left out of the saved and hashed recipe while at their default, so recipes
     # written before they existed keep their digest, manifest hash and recipe.yaml.
     OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = (
         "negative_paraphrases", "treatment_paraphrases", "placements", "in_scope", "samples_per_prompt",
-        "subset_size", "kl_prompts", "kl_source",
+        "subset_size", "kl_prompts", "kl_source", "baselines", "steering",
     )
 
     @field_validator("negative_paraphrases", "treatment_paraphrases")
@@ -392,6 +412,19 @@ class EvalSpec(_Strict):
         if value is not None and len(set(value)) != len(value):
             raise ValueError("placements must not repeat")
         return value
+
+    @field_validator("baselines")
+    @classmethod
+    def _baselines_unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("baselines must not repeat")
+        return value
+
+    @model_validator(mode="after")
+    def _steering_needs_its_baseline(self) -> EvalSpec:
+        if self.steering != SteeringSpec() and "steering" not in self.baselines:
+            raise ValueError("steering is set but baselines does not list steering; add it to evaluation.baselines")
+        return self
 
     @field_validator("in_scope")
     @classmethod
