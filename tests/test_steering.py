@@ -151,16 +151,48 @@ def test_grid_points_cover_a_quarter_half_and_three_quarters_of_depth_unless_giv
 
 
 def test_pick_takes_the_best_score_among_points_no_more_degenerate_than_base_allows():
-    grid = [{"layer": 1, "strength": 0.25, "score": 0.5, "degenerate_share": 0.0},
-            {"layer": 1, "strength": 0.5, "score": 0.2, "degenerate_share": 0.1},
-            {"layer": 1, "strength": 1.0, "score": 0.0, "degenerate_share": 0.5}]
-    assert steering.pick(grid, 0.0, "lower")["strength"] == 0.5  # 1.0 scores best but is degenerate
-    assert steering.pick(grid, 0.5, "lower")["strength"] == 1.0
-    assert steering.pick(grid, 0.0, "higher")["strength"] == 0.25
+    grid = [{"layer": 1, "strength": 0.25, "score": 0.5, "degenerate_share": 0.0, "kl_per_token": 0.0},
+            {"layer": 1, "strength": 0.5, "score": 0.2, "degenerate_share": 0.1, "kl_per_token": 0.0},
+            {"layer": 1, "strength": 1.0, "score": 0.0, "degenerate_share": 0.5, "kl_per_token": 0.0}]
+    assert steering.pick(grid, 0.0, "lower", 0.1)["strength"] == 0.5  # 1.0 scores best but is degenerate
+    assert steering.pick(grid, 0.5, "lower", 0.1)["strength"] == 1.0
+    assert steering.pick(grid, 0.0, "higher", 0.1)["strength"] == 0.25
     tie = [{**grid[1], "strength": 0.5}, {**grid[1], "strength": 0.25}]
-    assert steering.pick(tie, 0.0, "lower")["strength"] == 0.25
-    worst = [{**p, "degenerate_share": 0.9 - p["strength"] / 2} for p in grid]
-    assert steering.pick(worst, 0.0, "lower")["strength"] == 1.0  # none allowed: the least degenerate
+    assert steering.pick(tie, 0.0, "lower", 0.1)["strength"] == 0.25
+
+
+def test_pick_skips_a_point_over_the_kl_bound_even_when_it_scores_best():
+    grid = [{"layer": 1, "strength": 0.125, "score": 0.5, "degenerate_share": 0.0, "kl_per_token": 0.02},
+            {"layer": 1, "strength": 0.25, "score": 0.3, "degenerate_share": 0.0, "kl_per_token": 0.08},
+            {"layer": 1, "strength": 0.5, "score": 0.0, "degenerate_share": 0.0, "kl_per_token": 0.9}]
+    assert steering.pick(grid, 0.0, "lower", 0.1)["strength"] == 0.25
+    assert not steering.qualifies(grid[2], 0.0, 0.1) and steering.qualifies(grid[1], 0.0, 0.1)
+    assert steering.pick(grid, 0.0, "lower", 1.0)["strength"] == 0.5
+    # none within the bound: the smallest KL, however it scores or however degenerate the rest are
+    assert steering.pick(grid, 0.0, "lower", 0.01)["strength"] == 0.125
+    mixed = [{**grid[0], "degenerate_share": 0.5}, grid[2]]  # one over the bound, the other degenerate
+    assert steering.pick(mixed, 0.0, "lower", 0.1)["strength"] == 0.125
+
+
+def test_grid_kl_is_zero_at_strength_zero_and_kl_summary_of_the_steered_log_probs(loaded, tmp_path):
+    from cfdpo import counterfactual
+    from cfdpo.capability import kl_sample_params, kl_summary
+    from cfdpo.likelihood import answer_token_logprobs
+
+    model, tok = loaded
+    vectors = random_vectors(model.config.hidden_size)
+    convs = [counterfactual.messages(p, "control", BEHAVIOUR) for p in ("Why is the sky blue?", "Name a fruit.")]
+    params, cache = kl_sample_params(5), tmp_path / "steering_kl.json"
+    choices = [SteeringChoice(vectors, 0, 0.0), SteeringChoice(vectors, 1, 1.0)]
+    kls = steering.grid_kl(model, tok, "tiny", convs, params, 3, choices, cache, batch_size=2)
+    answer_ids = json.loads(cache.read_text())["answer_ids"]
+    assert len(answer_ids) == 2 and all(answer_ids)
+    base = answer_token_logprobs(model, tok, convs, answer_ids, 2)
+    with steering.steered(model, 1, vectors.delta(1, 1.0)):
+        steered = answer_token_logprobs(model, tok, convs, answer_ids, 2)
+    assert kls[0] == 0.0
+    assert kls[1] == pytest.approx(kl_summary(base, steered)["kl_per_token"], abs=1e-6) and kls[1] != 0.0
+    assert steering.grid_kl(model, tok, "tiny", convs, params, 3, choices[::-1], cache, 2) == kls[::-1]  # cached
 
 
 def one_line_error(capsys) -> str:
@@ -204,6 +236,9 @@ def test_steering_is_scored_on_the_whole_scorecard_end_to_end(tiny_model, tmp_pa
     choice = steer["steering"]
     assert choice["layer"] == 1 and choice["strength"] in steering.GRID_STRENGTHS
     assert [p["strength"] for p in choice["grid"]] == [0.0, *steering.GRID_STRENGTHS]  # base first
+    assert choice["grid"][0]["kl_per_token"] == 0.0 and choice["max_kl"] == 0.1
+    assert all(p["within_bound"] == (p["kl_per_token"] <= 0.1) for p in choice["grid"])
+    assert isinstance(choice["qualified"], bool)
     assert steer["capability"]["kl"] != 0.0 and base["capability"]["kl"] == 0.0  # the hook is on while scoring
     assert steer["nll_ratio"] != 1.0 and steer["mcq_n"] == 3
     labels = {json.loads(line)["model_label"] for line in (run / "eval" / "answers.jsonl").read_text().splitlines()}

@@ -14,9 +14,11 @@ layer's output at every position, prompt and answer tokens alike: strength is in
 own activation size, so one grid fits any model.
 
 Unset `evaluation.steering` fields are chosen on the validation prompts (`Run.validation_prompts`),
-asked as the control conversation: each (layer, strength) of `grid_points` answers them, and among
-the points whose share of degenerate answers (empty or repetitive, `scorecard.drift`) is at most
-base's plus `DEGENERATE_MARGIN`, the best behaviour score wins (`pick`).
+asked as the control conversation: each (layer, strength) of `grid_points` answers them and has its
+KL(base || model) per answer token estimated on a few answers base sampled to the first of them
+(`cfdpo.capability`, as `dpo.auto`'s guard does); among the points whose share of degenerate answers
+(empty or repetitive, `scorecard.drift`) is at most base's plus `DEGENERATE_MARGIN` and whose KL is
+within `dpo.max_kl`, the best behaviour score wins (`pick`).
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cfdpo import counterfactual, scorecard
+from cfdpo.capability import kl_sample_params, kl_summary, sample_answer_ids
 from cfdpo.errors import CfdpoError
 from cfdpo.generate import GenParams, row_key, run_generation
 from cfdpo.runio import JsonlLog, read_json, write_json
 from cfdpo.spec import Behaviour, SteeringSpec
 
 GRID_DEPTHS = (0.25, 0.5, 0.75)  # layers tried: these fractions of the model's depth
-GRID_STRENGTHS = (0.25, 0.5, 1.0)  # strengths tried, in units of the layer's mean residual norm
+GRID_STRENGTHS = (0.125, 0.25, 0.5, 1.0)  # strengths tried, in units of the layer's mean residual norm
 # a grid point may answer at most this share more of the validation prompts degenerately than base
 # (with the default 8 validation prompts: not one answer more)
 DEGENERATE_MARGIN = 0.1
@@ -221,15 +224,22 @@ def degenerate_share(answers: list[str]) -> float:
     return d["empty_share"] + d["repeated_share"] if d["n"] else 0.0
 
 
-def pick(grid: list[dict], base_degenerate: float, desired: str, margin: float = DEGENERATE_MARGIN) -> dict:
-    """The grid point to use: among those with `degenerate_share` <= base's + `margin`, the best
-    `score` (highest or lowest as `desired` says; on a tie the smaller strength, then the earlier
-    point); when none qualifies, the least degenerate one (then the best score)."""
+def qualifies(point: dict, base_degenerate: float, max_kl: float, margin: float = DEGENERATE_MARGIN) -> bool:
+    """Whether a grid point may be picked: `degenerate_share` <= base's + `margin`, `kl_per_token` <= `max_kl`."""
+    return point["degenerate_share"] <= base_degenerate + margin + 1e-9 and point["kl_per_token"] <= max_kl
+
+
+def pick(grid: list[dict], base_degenerate: float, desired: str, max_kl: float,
+         margin: float = DEGENERATE_MARGIN) -> dict:
+    """The grid point to use: among those with `degenerate_share` <= base's + `margin` and
+    `kl_per_token` <= `max_kl`, the best `score` (highest or lowest as `desired` says; on a tie the
+    smaller strength, then the earlier point); when none qualifies, the one with the smallest KL (then
+    the least degenerate, then the best score)."""
     sign = -1.0 if desired == "higher" else 1.0
-    allowed = [p for p in grid if p["degenerate_share"] <= base_degenerate + margin + 1e-9]
+    allowed = [p for p in grid if qualifies(p, base_degenerate, max_kl, margin)]
     if allowed:
         return min(allowed, key=lambda p: (sign * p["score"], p["strength"]))
-    return min(grid, key=lambda p: (p["degenerate_share"], sign * p["score"], p["strength"]))
+    return min(grid, key=lambda p: (p["kl_per_token"], p["degenerate_share"], sign * p["score"], p["strength"]))
 
 
 @dataclass(frozen=True)
@@ -241,6 +251,8 @@ class SteeringChoice:
     strength: float
     grid: list[dict] = field(default_factory=list)  # every point tried on the validation prompts, base first
     n_validation: int = 0
+    max_kl: float | None = None  # the KL bound the grid was held to (None: not chosen on a grid)
+    qualified: bool | None = None  # whether the pick met it and the degenerate-answer margin (`qualifies`)
 
     @property
     def tag(self) -> str:
@@ -257,7 +269,8 @@ class SteeringChoice:
                 "residual_norm": self.vectors.residual_norms[self.layer],
                 "contrast": list(self.vectors.conditions), "n_answers": list(self.vectors.n_answers),
                 "chosen_on": f"{self.n_validation} validation prompts" if self.grid else "the recipe",
-                "degenerate_margin": DEGENERATE_MARGIN, "grid": self.grid}
+                "degenerate_margin": DEGENERATE_MARGIN, "max_kl": self.max_kl,
+                "qualified": self.qualified, "grid": self.grid}
 
 
 def validation_rows(model_name: str, prompts: list[dict], behaviour: Behaviour, params: GenParams, seed: int) -> list[dict]:
@@ -271,12 +284,38 @@ def validation_rows(model_name: str, prompts: list[dict], behaviour: Behaviour, 
     return rows
 
 
+def grid_kl(model, tokenizer, model_id: str, conversations: list[list[dict]], params: GenParams, seed: int,
+            choices: list[SteeringChoice], cache: Path, batch_size: int) -> list[float]:
+    """Per choice: KL(base || model with its hook on) per answer token (`kl_summary`) on one answer per
+    conversation that base samples (`sample_answer_ids`, hook off). Base's answers and log-probs and
+    each choice's KL (by its tag) are cached in `cache` under a key of what base's answers depend on."""
+    from cfdpo.likelihood import answer_token_logprobs
+
+    key = hashlib.sha256(json.dumps([model_id, conversations, params.as_dict(), seed], ensure_ascii=False)
+                         .encode()).hexdigest()[:24]
+    saved = read_json(cache) if cache.is_file() else {}
+    if saved.get("key") != key:
+        answer_ids = sample_answer_ids(model, tokenizer, conversations, params, seed, batch_size)
+        saved = {"key": key, "answer_ids": answer_ids,
+                 "base_logprobs": answer_token_logprobs(model, tokenizer, conversations, answer_ids, batch_size),
+                 "kl_per_token": {}}
+        write_json(cache, saved)
+    for choice in choices:
+        if choice.tag not in saved["kl_per_token"]:
+            with steered(model, choice.layer, choice.delta()):
+                logprobs = answer_token_logprobs(model, tokenizer, conversations, saved["answer_ids"], batch_size)
+            saved["kl_per_token"][choice.tag] = kl_summary(saved["base_logprobs"], logprobs)["kl_per_token"]
+            write_json(cache, saved)
+    return [saved["kl_per_token"][choice.tag] for choice in choices]
+
+
 def choose(model, tokenizer, model_id: str, recipe, train_rows: list[dict], validation_prompts: list[dict], scorer,
            params: GenParams, seed: int, eval_dir: Path, batch_size: int) -> SteeringChoice:
     """The steering model for `recipe.evaluation.steering`: the vectors (cached in eval/steering.json)
     and, for what the recipe leaves unset, the grid on the validation prompts (answers cached in
-    eval/steering_answers.jsonl)."""
+    eval/steering_answers.jsonl, KL in eval/steering_kl.json), held to `dpo.max_kl`."""
     from cfdpo.backends.transformers import TransformersGenerator
+    from cfdpo.validation import KL_ANSWERS
 
     b, spec = recipe.behaviour, recipe.evaluation.steering
     vectors = steering_vectors(model, tokenizer, model_id, b, contrast(recipe.needed_conditions()), train_rows,
@@ -297,12 +336,20 @@ def choose(model, tokenizer, model_id: str, recipe, train_rows: list[dict], vali
         scores = scorer.score_many(answers)
         return {"score": sum(scores) / len(scores) if scores else math.nan, "degenerate_share": degenerate_share(answers)}
 
-    base = {"layer": None, "strength": 0.0, **scored(answer(f"{model_id}|base|-", "steering grid: base"))}
+    max_kl = recipe.dpo.max_kl
+    base = {"layer": None, "strength": 0.0, **scored(answer(f"{model_id}|base|-", "steering grid: base")),
+            "kl_per_token": 0.0, "within_bound": True}
+    choices = [SteeringChoice(vectors, layer, strength) for layer, strength in points]
+    kl_conversations = [counterfactual.messages(p["prompt"], "control", b) for p in validation_prompts[:KL_ANSWERS]]
+    kls = grid_kl(model, tokenizer, model_id, kl_conversations, kl_sample_params(params.max_new_tokens),
+                  recipe.generation.seed, choices, eval_dir / "steering_kl.json", batch_size)
     grid = []
-    for layer, strength in points:
-        choice = SteeringChoice(vectors, layer, strength)
-        with steered(model, layer, choice.delta()):
-            answers = answer(f"{model_id}|steering|{choice.tag}", f"steering grid: layer {layer} x{strength}")
-        grid.append({"layer": layer, "strength": strength, **scored(answers)})
-    best = pick(grid, base["degenerate_share"], b.scorer.desired)
-    return SteeringChoice(vectors, best["layer"], best["strength"], [base, *grid], len(validation_prompts))
+    for choice, kl in zip(choices, kls):
+        with steered(model, choice.layer, choice.delta()):
+            answers = answer(f"{model_id}|steering|{choice.tag}",
+                             f"steering grid: layer {choice.layer} x{choice.strength}")
+        grid.append({"layer": choice.layer, "strength": choice.strength, **scored(answers), "kl_per_token": kl,
+                     "within_bound": kl <= max_kl})
+    best = pick(grid, base["degenerate_share"], b.scorer.desired, max_kl)
+    return SteeringChoice(vectors, best["layer"], best["strength"], [base, *grid], len(validation_prompts),
+                          max_kl, qualifies(best, base["degenerate_share"], max_kl))
