@@ -280,7 +280,7 @@ class DPOSpec(_Strict):
         description="dpo.auto: capability guard, in nats per answer token: a step is published only if "
                     "KL(base || model) on a few answers the base sampled to validation prompts stays within it "
                     "(0.1 per token lets a style move a few tokens of an answer a lot, not every token a little); "
-                    "if none does, the step with the lowest KL.")
+                    "if none does, the step with the lowest KL. The steering baseline's grid is held to it too.")
     rounds: int = Field(
         default=1, ge=1,
         description="Iterative on-policy rounds: after the first round (answers of the base model, pairs, adapter), "
@@ -341,12 +341,13 @@ class SteeringSpec(_Strict):
     layer: int | None = Field(
         default=None, ge=0,
         description="Decoder layer (0 = the first) whose output the steering vector is added to. Unset: chosen on "
-                    "the validation prompts among the layers at 1/4, 1/2 and 3/4 of the model's depth.")
+                    "the validation prompts among the layers at 1/4, 1/2 and 3/4 of the model's depth (best "
+                    "behaviour score within dpo.max_kl and without more degenerate answers than base).")
     strength: float | None = Field(
         default=None, ge=0.0,
         description="How much of the unit steering vector is added, in units of that layer's mean residual-stream "
                     "norm over the training answers' tokens (0: no change). Unset: chosen on the validation prompts "
-                    "among 0.25, 0.5 and 1.")
+                    "among 0.125, 0.25, 0.5 and 1, held to dpo.max_kl like the layer.")
 
 
 class EvalSpec(_Strict):
