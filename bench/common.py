@@ -96,3 +96,14 @@ def peak_rss_mb() -> float:
 def n_params(model) -> int:
     """Parameters that do matmul work per token (embeddings tied to the head count once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def write_result(prefix: str, lines: list[str]) -> Path:
+    """Print a bench result (markdown lines) and write it to bench/results/<prefix>-<time>.md."""
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.md"
+    out.write_text(text, encoding="utf-8")
+    print(text)
+    print(f"wrote {out}")
+    return out

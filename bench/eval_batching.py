@@ -189,12 +189,7 @@ def main() -> None:
         f"{scoring['nll']:.1f} s, KL log-prob pass {scoring['kl_logprobs']:.1f} s, KL sampling (base only) "
         f"{scoring['kl_sample']:.1f} s; decoding {per_row * scoring['n']:.1f} s per model (mean of the two (a) runs).",
     ]
-    text = "\n".join(lines) + "\n"
-    common.RESULTS.mkdir(parents=True, exist_ok=True)
-    out = common.RESULTS / f"eval-batching-{time.strftime('%Y%m%d-%H%M%S')}.md"
-    out.write_text(text, encoding="utf-8")
-    print(text)
-    print(f"wrote {out}")
+    common.write_result("eval-batching", lines)
 
 
 if __name__ == "__main__":

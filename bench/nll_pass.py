@@ -85,12 +85,7 @@ def main() -> None:
         "",
         f"Ratio then / now (best runs): {then / now:.2f}x.",
     ]
-    text = "\n".join(lines) + "\n"
-    common.RESULTS.mkdir(parents=True, exist_ok=True)
-    out = common.RESULTS / f"nll-pass-{time.strftime('%Y%m%d-%H%M%S')}.md"
-    out.write_text(text, encoding="utf-8")
-    print(text)
-    print(f"wrote {out}")
+    common.write_result("nll-pass", lines)
 
 
 if __name__ == "__main__":
