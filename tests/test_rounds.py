@@ -10,7 +10,7 @@ import pytest
 from conftest import read_jsonl, tiny_recipe, write_recipe
 
 from cfdpo import rounds
-from cfdpo.rounds import mean_control_score, stop_reason, validation_score
+from cfdpo.rounds import mean_condition_score, score_source, stop_reason, validation_score
 
 
 def rounds_recipe(model: Path, rounds: int) -> dict:
@@ -39,7 +39,7 @@ def scored(monkeypatch, *scores: float) -> None:
     """The on-policy control scores of round 1's, round 2's, ... adapter, in that order (the tiny random
     model's answers score the same whatever the adapter)."""
     given = iter(scores)
-    monkeypatch.setattr(rounds, "mean_control_score", lambda rows, scorer: next(given))
+    monkeypatch.setattr(rounds, "mean_condition_score", lambda rows, scorer, condition: next(given))
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +61,21 @@ def test_stop_reason_stops_when_a_round_does_not_improve():
     assert stop_reason([0.5, 0.4], "higher") is not None
 
 
+def test_a_round_is_scored_where_its_variant_shows_its_behaviour():
+    assert score_source("dis", validated=False) == "control"
+    assert score_source("enc", validated=False) == "control"
+    assert score_source("negation", validated=False) == "negative"  # pirate talk unasked is ~0 for every model
+    assert score_source("negation", validated=True) == "validation"
+
+
 def test_scores_are_the_mean_control_score_and_the_published_validation_step():
     from cfdpo.scorers import make_scorer
 
     scorer = make_scorer("lexicon", {"words": ["arr"]})
     rows = [{"condition": "control", "answer": "arr arr"}, {"condition": "control", "answer": "no"},
             {"condition": "negative", "answer": "arr"}]
-    assert mean_control_score(rows, scorer) == 0.5
+    assert mean_condition_score(rows, scorer, "control") == 0.5
+    assert mean_condition_score(rows, scorer, "negative") == 1.0
     log = {"validation": [{"step": 0, "score": 0.9}, {"step": 2, "score": 0.4}, {"step": 4, "score": 0.6}], "best_step": 2}
     assert validation_score(log) == 0.4
 

@@ -10,9 +10,10 @@ r >= 2 generate with the transformers backend (`TransformersGenerator` over the 
 adapter applied), whatever generation.backend says.
 
 A round's score measures its adapter: the validation score of its published step when dpo.auto
-validates (`uses_validation`), else the mean behaviour score of the adapter's own control answers
-to the training prompts, which are the next round's answers (after the last round only its control
-answers are generated, into rounds/<N+1>/answers.jsonl). The rounds stop when a round's score does
+validates (`uses_validation`), else the mean behaviour score of the adapter's own answers to the
+training prompts under the variant's DPO prompt condition (control for enc / dis / contrastive,
+negative for negation: where the variant's behaviour shows), which are among the next round's
+answers (after the last round only those, into rounds/<N+1>/answers.jsonl). The rounds stop when a round's score does
 not improve on the previous round's (`stop_reason`); the round before it is kept. adapters/<variant>/
 is a copy of the kept round's adapter.
 
@@ -34,7 +35,7 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
-from cfdpo import dist
+from cfdpo import dist, variants
 from cfdpo.pipeline import Run, answer_self_scores, generate_rows, train_variant, write_variant_pairs
 from cfdpo.runio import JsonlLog, read_json, replace_dir, write_json
 
@@ -65,8 +66,15 @@ def validation_score(train_log: dict) -> float:
     return next(point["score"] for point in train_log["validation"] if point["step"] == train_log["best_step"])
 
 
-def mean_control_score(rows: list[dict], scorer) -> float:
-    answers = [row["answer"] for row in rows if row["condition"] == "control"]
+def score_source(variant: str, validated: bool) -> str:
+    """What scores a round's adapter: `validation`, or the condition of the variant's DPO prompt, whose
+    answers show the variant's behaviour (control for enc / dis / contrastive, negative for negation)."""
+    return "validation" if validated else variants.get_row(variant).prompt
+
+
+def mean_condition_score(rows: list[dict], scorer, condition: str) -> float:
+    """The mean behaviour score of the rows' answers under `condition`."""
+    answers = [row["answer"] for row in rows if row["condition"] == condition]
     return sum(scorer.score_many(answers)) / len(answers)
 
 
@@ -91,7 +99,7 @@ def run_rounds(run: Run, variant: str, merge: bool = False) -> Path:
     r = run.recipe
     scorer = make_scorer(r.behaviour.scorer.name, r.behaviour.scorer.params)
     desired = r.behaviour.scorer.desired
-    source = "validation" if uses_validation(run) else "control"
+    source = score_source(variant, uses_validation(run))
     scores: list[float] = []
     adapters: list[Path] = []
     reason = None
@@ -106,8 +114,8 @@ def run_rounds(run: Run, variant: str, merge: bool = False) -> Path:
         pairs_dir = run.dir / "pairs" / variant
         if number > 1:
             rows = policy_answers(run, variant, adapters[-1], number, conditions=None)
-            if source == "control":
-                reason = judge(number - 1, mean_control_score(rows, scorer))
+            if source != "validation":
+                reason = judge(number - 1, mean_condition_score(rows, scorer, source))
                 if reason:
                     break
             pairs_dir = round_dir(run.dir, number) / "pairs" / variant
@@ -120,9 +128,9 @@ def run_rounds(run: Run, variant: str, merge: bool = False) -> Path:
             if reason:
                 break
     else:
-        if source == "control":  # the last adapter's own control answers score it
-            rows = policy_answers(run, variant, adapters[-1], r.dpo.rounds + 1, conditions=("control",))
-            reason = judge(r.dpo.rounds, mean_control_score(rows, scorer))
+        if source != "validation":  # the last adapter's own answers under its prompt's condition score it
+            rows = policy_answers(run, variant, adapters[-1], r.dpo.rounds + 1, conditions=(source,))
+            reason = judge(r.dpo.rounds, mean_condition_score(rows, scorer, source))
     kept = len(scores) - 1 if reason else len(adapters)
     summary = {"source": source, "rounds": [{"round": i + 1, "score": s} for i, s in enumerate(scores)],
                "kept": kept, "stopped": reason or f"all {r.dpo.rounds} rounds ran"}

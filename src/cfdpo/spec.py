@@ -287,7 +287,7 @@ class DPOSpec(_Strict):
                     "each further round answers the same prompts again with the previous round's adapter applied, "
                     "builds the variant's pairs from those answers and continues training the same adapter (the DPO "
                     "reference stays the base model). Each round costs one more generation and training; rounds "
-                    "stop early when a round's score (validation with auto, else the adapter's own control answers) "
+                    "stop early when a round's score (validation with auto, else the adapter's own answers under the variant's DPO prompt) "
                     "does not improve on the previous round's. 1: a single round, no rounds/ folder.")
 
 
