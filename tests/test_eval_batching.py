@@ -102,3 +102,45 @@ def test_mixed_adapter_batches_give_each_models_own_greedy_answers(tiny_model, t
                     [("__base__" if label == "base" else label) for label in labels for _ in CONVERSATIONS])
     assert mixed == [a for label in labels for a in alone[label]]
     assert alone["one"] != alone["base"] and alone["two"] != alone["base"]  # the adapters change the answers
+
+
+def test_prompted_reuses_base_greedy_answers_to_the_same_conversation(tmp_path):
+    """The prompted model is the base model: under control it gets the treatment instruction, which is
+    base's treatment condition, so those greedy answers are taken from base instead of decoded again."""
+    from types import SimpleNamespace
+
+    from cfdpo.evaluate import AnswerPlan, decode_answers
+    from cfdpo.runio import JsonlLog
+
+    asked: dict[str, list] = {}
+
+    class Recorder:
+        def __init__(self, label):
+            self.label = label
+
+        def generate_answers(self, tok, conversations, params, num_samples, batch_size, seed, on_batch, todo=None):
+            asked.setdefault(self.label, []).extend(conversations)
+            on_batch(list(range(len(conversations))), [[f"{self.label} {i}"] * k for i, k in enumerate(num_samples)],
+                     [[1] * k for k in num_samples])
+
+    greedy, sampled = GenParams(8, 0.0, 1.0), GenParams(8, 0.8, 0.9)
+    plan = AnswerPlan(greedy, 0, 1, sampled, 1, 0)
+    treated = [{"role": "user", "content": "Be plain.\n\nWhy?"}]
+    plain = [{"role": "user", "content": "Why?"}]
+
+    def row(label, cond, msgs, sampled_row=False):
+        params = sampled if sampled_row else greedy
+        return {"key": f"{label}|{cond}|{sampled_row}", "prompt_id": "p0", "prompt": "Why?", "condition": cond,
+                "sample": 0, "sampled": sampled_row, "messages": msgs, "model": label, "gen": params.as_dict(),
+                "seed": 1 if sampled_row else 0, "model_label": label}
+
+    rows_by = {("base", "control"): [row("base", "control", plain), row("base", "control", plain, True)],
+               ("base", "treatment"): [row("base", "treatment", treated), row("base", "treatment", treated, True)],
+               ("prompted", "control"): [row("prompted", "control", treated), row("prompted", "control", treated, True)]}
+    models = SimpleNamespace(labels=["base", "prompted"], generator=lambda label: (Recorder(label), None))
+    done = decode_answers(models, rows_by, JsonlLog(tmp_path / "answers.jsonl"), 4, plan)
+
+    base_treated = done["base|treatment|False"]["answer"]
+    assert done["prompted|control|False"]["answer"] == base_treated
+    assert asked["prompted"] == [treated]  # only the sampled row is decoded again: its draw is its own
+    assert done["prompted|control|True"]["answer"].startswith("prompted")

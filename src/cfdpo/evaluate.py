@@ -253,14 +253,30 @@ def plan_answers(models: EvalModels, conditions: list[Condition], prompts_by: di
 
 def decode_answers(models: EvalModels, rows_by: dict[tuple[str, str], list[dict]], log: JsonlLog, batch_size: int,
                    plan: AnswerPlan) -> dict[str, dict]:
-    """Generate the rows not yet in `log`, model by model; returns every row with its answer, by key."""
+    """Generate the rows not yet in `log`, model by model; returns every row with its answer, by key.
+    The `prompted` model is the base model: its greedy rows with a conversation base already answered
+    (under control it gets the treatment instruction, base's treatment condition) take base's answer."""
     for label in models.labels:
         rows = [r for (row_label, _), planned in rows_by.items() if row_label == label for r in planned]
+        if label == "prompted":
+            log.append(answers_of_base(rows, log))
         # every condition of one model in the same batches: fewer, fuller decode steps
         for sampled, seed in ((False, plan.seed), (True, plan.sample_seed)):
             run_generation([r for r in rows if r["sampled"] == sampled], log, partial(models.generator, label),
                            batch_size=batch_size, seed=seed, label=f"eval {label}")
     return {r["key"]: r for r in log.rows}
+
+
+def answers_of_base(rows: list[dict], log: JsonlLog) -> list[dict]:
+    """The greedy `rows` of the prompted model not in `log` whose conversation, generation settings and
+    seed a base row in `log` shares, each with that base row's answer: the same weights, so the same answer."""
+    def same(r: dict) -> str:
+        return json.dumps([r["messages"], r["gen"], r["seed"]], sort_keys=True)
+
+    done = log.keys()
+    base = {same(r): r for r in log.rows if r.get("model_label") == "base" and not r.get("sampled")}
+    return [{**r, "answer": base[same(r)]["answer"], "n_tokens": base[same(r)]["n_tokens"]} for r in rows
+            if not r["sampled"] and r["key"] not in done and same(r) in base]
 
 
 def score_answers(models: EvalModels, rows_by: dict[tuple[str, str], list[dict]], conditions: list[Condition],
