@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import read_jsonl, tiny_recipe, write_recipe
 
 from cfdpo.cli import main
@@ -55,6 +56,9 @@ def test_pipeline_end_to_end_tiny_model(tiny_model, tmp_path, capsys):
             assert set(entry[cond]) >= {"score", "mean_words"}
         assert entry["nll_ratio"] > 0
     assert m["models"]["base"]["nll_ratio"] == 1.0
+    base_nll = m["models"]["base"]["nll"]
+    for name, entry in m["models"].items():  # NLL of base's KL answers: its excess over base's is KL per token
+        assert entry["nll"] - base_nll == pytest.approx(entry["capability"]["kl_per_token"], abs=1e-6)
     ev = read_jsonl(run / "eval" / "answers.jsonl")
     assert len(ev) == 4 * 7 * 3  # models x scorecard conditions (control, treatment, negative, 2 x 2 placements) x prompts
     assert not {r["prompt_id"] for r in ev} & {r["prompt_id"] for r in rows}

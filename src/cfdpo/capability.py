@@ -78,6 +78,12 @@ def kl_summary(base_logprobs: list[list[float]], model_logprobs: list[list[float
             "kl_per_token_ci95": per_token["ci95"], "n": kl["n"]}
 
 
+def answer_nll(logprobs: list[list[float]]) -> float | None:
+    """The mean per-token NLL of answers from their per-token log-probs (token-weighted); None without tokens."""
+    tokens = sum(len(answer) for answer in logprobs)
+    return -sum(sum(answer) for answer in logprobs) / tokens if tokens else None
+
+
 def mcq_summary(accuracy: float | None, n: int) -> dict:
     """{"mcq_accuracy", "mcq_se", "mcq_detectable", "mcq_n"}: the accuracy, its binomial standard error
     and the smallest accuracy change n items detect (80 % power, 5 % level)."""

@@ -13,8 +13,9 @@ mean over its answers; per condition the model gets `stats.summary` over prompts
 retention (`scorecard.retention`), and the paraphrase and placement conditions of the headline
 instruction are pooled per prompt (`scorecard.group_entries`). `drift` covers the main control answers.
 `capability` holds KL(base || model) on base's sampled answers (see `cfdpo.capability`) and the MCQ
-accuracy with its standard error. `nll_ratio` (secondary) is the mean per-token NLL of the base
-model's held-out control answers under a model divided by the base model's own.
+accuracy with its standard error. `nll_ratio` (secondary) is the mean per-token NLL of those same
+sampled answers under a model divided by the base model's own (from the KL pass's log-probs: no pass
+of its own; None without KL prompts).
 
 With `evaluation.mcq`, every model also answers the builtin multiple-choice set by option
 log-likelihood (`mcq_accuracy`, `mcq_accuracy_norm`; see `likelihood.mcq_accuracy`). The `prompted`
@@ -40,10 +41,10 @@ from pathlib import Path
 
 from cfdpo import counterfactual, scorecard, stats, steering, variants
 from cfdpo.backends.transformers import TransformersGenerator
-from cfdpo.capability import kl_prompt_rows, kl_sample_params, kl_summary, mcq_summary, sample_answer_ids
+from cfdpo.capability import answer_nll, kl_prompt_rows, kl_sample_params, kl_summary, mcq_summary, sample_answer_ids
 from cfdpo.errors import CfdpoError
 from cfdpo.generate import GenParams, answers_path, row_key, run_generation
-from cfdpo.likelihood import answer_token_logprobs, load_mcq, mcq_accuracy, mean_nll
+from cfdpo.likelihood import answer_token_logprobs, load_mcq, mcq_accuracy
 from cfdpo.recipe import Recipe
 from cfdpo.runio import JsonlLog, read_json, write_json
 from cfdpo.runtime import resolve_dtype
@@ -305,27 +306,14 @@ def score_answers(models: EvalModels, rows_by: dict[tuple[str, str], list[dict]]
     return entries
 
 
-def answer_nlls(models: EvalModels, rows_by: dict[tuple[str, str], list[dict]], done: dict[str, dict],
-                batch_size: int) -> dict[str, float]:
-    """Per model label: the mean NLL of the base model's control answers, each given the conversation
-    that model answered under the control condition."""
-    base_rows = [r for r in rows_by[("base", "control")] if not r["sampled"]]
-    base_answers = [done[r["key"]]["answer"] for r in base_rows]
-    nlls = {}
-    for label in models.labels:
-        model, tok = models.use(label)
-        convs = [r["messages"] for r in rows_by[(label, "control")] if not r["sampled"]]
-        nlls[label] = mean_nll(model, tok, convs, base_answers, batch_size=batch_size)
-    return nlls
-
-
-def kl_results(models: EvalModels, path: Path, plan: AnswerPlan, batch_size: int) -> dict[str, dict]:
-    """Per model label: KL(base || model) on base's sampled answers (`kl_sample_params`) to the KL prompts;
-    base's answers and every model's log-probs of them are cached in `path`."""
+def kl_results(models: EvalModels, path: Path, plan: AnswerPlan, batch_size: int) -> tuple[dict[str, dict], dict]:
+    """Per model label: KL(base || model) on base's sampled answers (`kl_sample_params`) to the KL prompts,
+    and the mean per-token NLL of those answers under the model (`capability.answer_nll`; None without
+    KL prompts); base's answers and every model's log-probs of them are cached in `path`."""
     b = models.recipe.behaviour
     rows = kl_prompt_rows(models.recipe)
     if not rows:
-        return {label: kl_summary([], []) for label in models.labels}
+        return {label: kl_summary([], []) for label in models.labels}, {label: None for label in models.labels}
     convs = [counterfactual.conversation(r["prompt"], None, b.placement, b.system_prompt) for r in rows]
     params = kl_sample_params(plan.sample_params.max_new_tokens)
     answers_key = hashlib.sha256(json.dumps([models.base_id, convs, params.as_dict(), plan.sample_seed])
@@ -343,7 +331,8 @@ def kl_results(models: EvalModels, path: Path, plan: AnswerPlan, batch_size: int
         return {"logprobs": answer_token_logprobs(model, tok, given, answer_ids, batch_size)}
 
     lps = cached_per_model(path.with_name(path.stem + "_logprobs.json"), models, answers_key, logprobs)
-    return {label: kl_summary(lps["base"]["logprobs"], lps[label]["logprobs"]) for label in models.labels}
+    return ({label: kl_summary(lps["base"]["logprobs"], lps[label]["logprobs"]) for label in models.labels},
+            {label: answer_nll(lps[label]["logprobs"]) for label in models.labels})
 
 
 def cached_per_model(path: Path, models: EvalModels, inputs, compute: Callable[..., dict]) -> dict[str, dict]:
@@ -375,7 +364,7 @@ def lm_eval_results(models: EvalModels, path: Path, spec: LmEvalSpec, batch_size
 
 
 def assemble_metrics(recipe: Recipe, scorer, conditions: list[Condition], prompts_by: dict[str, list[dict]],
-                     entries: dict[str, dict], nlls: dict[str, float], kl: dict[str, dict], mcq: dict[str, dict] | None,
+                     entries: dict[str, dict], nlls: dict[str, float | None], kl: dict[str, dict], mcq: dict[str, dict] | None,
                      lm_eval: dict[str, dict] | None) -> dict:
     """metrics.json: per model label its scores per condition (today's `control` / `negative` summaries
     and the scorecard's `conditions`), drift, NLL and NLL ratio to the base model, `capability` (KL,
@@ -385,7 +374,8 @@ def assemble_metrics(recipe: Recipe, scorer, conditions: list[Condition], prompt
     eval_prompts = prompts_by["control"]
     models = {}
     for label, entry in entries.items():
-        entry = {**entry, "nll": nlls[label], "nll_ratio": nlls[label] / nlls["base"] if nlls["base"] else None}
+        ratio = nlls[label] / nlls["base"] if nlls[label] is not None and nlls["base"] else None
+        entry = {**entry, "nll": nlls[label], "nll_ratio": ratio}
         mcq_stats = mcq_summary(mcq[label]["accuracy"], mcq[label]["n"]) if mcq is not None else mcq_summary(None, 0)
         if mcq is not None:
             entry.update(mcq_accuracy=mcq[label]["accuracy"], mcq_accuracy_norm=mcq[label]["accuracy_norm"],
@@ -440,8 +430,7 @@ def evaluate_run(run_dir: str | Path, recipe: Recipe, model_path: str, eval_prom
     rows_by = plan_answers(models, conditions, prompts_by, plan)
     done = decode_answers(models, rows_by, JsonlLog(run / "eval" / "answers.jsonl"), ev.batch_size, plan)
     entries = score_answers(models, rows_by, conditions, done, scorer)
-    nlls = answer_nlls(models, rows_by, done, ev.batch_size)
-    kl = kl_results(models, run / "eval" / "kl.json", plan, ev.batch_size)
+    kl, nlls = kl_results(models, run / "eval" / "kl.json", plan, ev.batch_size)
     mcq = mcq_results(models, run / "eval" / "mcq.json", ev.mcq_items, ev.batch_size) if ev.mcq else None
     lm_eval = lm_eval_results(models, run / "eval" / "lm_eval.json", ev.lm_eval, ev.batch_size) if ev.lm_eval else None
     metrics = assemble_metrics(recipe, scorer, conditions, prompts_by, entries, nlls, kl, mcq, lm_eval)

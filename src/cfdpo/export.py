@@ -282,8 +282,8 @@ def _metrics_section(run: RunContents) -> str:
     names = "; ".join(f"`{m}` {MODEL_NOTES.get(m, m)}" for m in run.metrics["models"])
     n = run.metrics.get("n_eval_prompts", "the")
     return (f"{n} held-out prompts (never used for training). Score: scorer `{b['scorer']}` ({b.get('unit', '')}), "
-            f"**{b['desired']}** is better. `nll_ratio`: per-token NLL of the base model's answers under the model, "
-            f"over the base model's own (1.0: unchanged).\n\n{_md_table(head, rows)}\n\nModels: {names}.")
+            f"**{b['desired']}** is better. `nll_ratio`: per-token NLL of the base model's sampled "
+            f"answers to unrelated prompts under the model, over the base model's own (1.0: unchanged).\n\n{_md_table(head, rows)}\n\nModels: {names}.")
 
 
 def model_card_body(run: RunContents, name: str, log: dict, hub_model: str | None) -> str:

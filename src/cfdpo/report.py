@@ -325,8 +325,8 @@ def render_md(metrics: dict, sample_rows: list[dict], plots: list[Path], run_dir
         f"# cfdpo report: {b['name']}", "",
         *scorecard_md(metrics, tradeoff, run_dir),
         f"Scorer `{b['scorer']}` ({b.get('unit', '')}); **{b['desired']}** is better. "
-        f"{metrics.get('n_eval_prompts', '?')} held-out prompts. `nll_ratio` = mean per-token NLL of the base "
-        "model's held-out control answers under the model, divided by the base model's own.", "",
+        f"{metrics.get('n_eval_prompts', '?')} held-out prompts. `nll_ratio` = mean per-token NLL of the "
+        "base model's sampled answers to the KL prompts under the model, divided by the base model's own.", "",
         *md_table(head, rows),
     ]
     lines += ["", "Models: " + "; ".join(f"`{n}` {model_note(n)}" for n in metrics["models"]), ""]
@@ -411,7 +411,7 @@ def render_html(metrics: dict, sample_rows: list[dict], plots: list[Path], trade
         f"<h1>cfdpo report: {e(b['name'])}</h1>{scorecard_html(metrics, tradeoff)}"
         f"<p>Scorer <code>{e(b['scorer'])}</code>; <b>{e(b['desired'])}</b> is better; "
         f"{e(str(metrics.get('n_eval_prompts', '?')))} held-out prompts. <code>nll_ratio</code>: NLL of the base "
-        f"model's held-out answers under each model, relative to the base model (lower = closer to base).</p>"
+        f"model's sampled answers to the KL prompts under each model, relative to the base model (lower = closer to base).</p>"
         f"{table}<ul class='notes'>{notes}</ul>{imgs}"
         f"<h2>Sample answers, side by side</h2>{samples_html}"
         f"<script type='application/json' id='metrics-json'>{data}</script></body></html>"

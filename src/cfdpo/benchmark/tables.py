@@ -130,7 +130,7 @@ def render_results(results: dict, plan: Plan, plots: list[Path]) -> str:
         "(the teacher; for pirate under the negative prompt it gets both instructions); `sft` context-distillation "
         f"baseline (SFT on the same pairs' prompt → chosen answer, same LoRA budget); {'/'.join(f'`{v}`' for v in NAMES)} "
         "the counterfactual DPO variants; `multi` one adapter trained on two behaviours' pairs. "
-        "`nll_ratio`: per-token NLL of the base model's held-out answers under the model ÷ base's own. "
+        "`nll_ratio`: per-token NLL of the base model's sampled answers to the KL prompts under the model ÷ base's own. "
         "MCQ: accuracy (%) on the builtin multiple-choice set by option log-likelihood (norm: per character).", "",
         "## Sizes", "", *sizes_lines(results), "",
         "## Targets", "", *targets_lines(results, plan.targets),
