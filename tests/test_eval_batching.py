@@ -144,3 +144,39 @@ def test_prompted_reuses_base_greedy_answers_to_the_same_conversation(tmp_path):
     assert done["prompted|control|False"]["answer"] == base_treated
     assert asked["prompted"] == [treated]  # only the sampled row is decoded again: its draw is its own
     assert done["prompted|control|True"]["answer"].startswith("prompted")
+
+
+SHARING = [
+    [{"role": "system", "content": "You are a ship's cook."}, {"role": "user", "content": "Talk like a pirate.\n\nName a fruit."}],
+    [{"role": "system", "content": "You are a ship's cook."}, {"role": "user", "content": "Talk like a pirate.\n\nWhy is the sea salty?"}],
+    [{"role": "system", "content": "You are a ship's cook."}, {"role": "user", "content": "How do magnets work?"}],
+    [{"role": "user", "content": "Why is the sky blue? Explain it to a child in two sentences."}],
+    [{"role": "user", "content": "Why is the sky blue?"}],
+]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_shared_prompt_prefix_is_read_once_with_the_same_result(tiny_model, k):
+    """`prefill` reads the prefix rows share once per group: same first logits and the same answers
+    (greedy, and sampled with the same seed) as reading every row whole."""
+    import torch
+
+    from cfdpo.backends.transformers import cache_kwarg, decode, pad_batch, prefill, prefix_groups
+    from cfdpo.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    model = load_model(str(tiny_model), "float32").eval()
+    seqs = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in SHARING]
+    assert prefix_groups(seqs, min_shared=12) == [([0, 1, 2], 23), ([4, 3], 36)]  # the cook's three, the sky's two
+    assert prefix_groups(seqs, min_shared=4) == [([0, 1, 2, 4, 3], 10)]  # the template's start: a group of all
+    stop = torch.tensor([tok.eos_token_id])
+    with torch.inference_mode():
+        _, logits, _, last = prefill(model, seqs, tok.pad_token_id, None, cache_kwarg(model), min_shared=12)
+        ids, mask = pad_batch(seqs, tok.pad_token_id)
+        whole = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+        assert torch.allclose(logits, whole, atol=1e-4)
+        assert last.tolist() == [len(s) - 1 for s in seqs]
+        for params in (GenParams(12, 0.0, 1.0), GenParams(12, 1.0, 0.9)):
+            shared = decode(model, seqs, tok.pad_token_id, k, params, stop, 7, min_shared=12)
+            alone = decode(model, seqs, tok.pad_token_id, k, params, stop, 7, min_shared=10_000)
+            assert torch.equal(shared, alone)

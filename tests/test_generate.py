@@ -40,6 +40,11 @@ def _batch(tok, texts):
     return enc["input_ids"], enc["attention_mask"]
 
 
+def unpadded(ids, mask) -> list[list[int]]:
+    """The token lists of a left-padded batch: what `decode` takes."""
+    return [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
+
+
 def test_greedy_decode_matches_model_generate_with_early_stops(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,7 +59,7 @@ def test_greedy_decode_matches_model_generate_with_early_stops(tiny_model):
         stop = int(free[0, 4])
         ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                              eos_token_id=stop, pad_token_id=stop)[:, ids.shape[1]:]
-        ours = decode(model, ids, mask, 1, GenParams(12, 0.0, 1.0), torch.tensor([stop]), seed=0)
+        ours = decode(model, unpadded(ids, mask), tok.pad_token_id, 1, GenParams(12, 0.0, 1.0), torch.tensor([stop]), seed=0)
     assert (ours == stop).any(dim=1).sum() >= 1
     assert torch.equal(ours[:, : ref.shape[1]], ref)
     assert (ours[:, ref.shape[1]:] == stop).all()
@@ -69,9 +74,9 @@ def test_sampled_decode_gives_k_rows_per_prompt_reproducibly(tiny_model):
     ids, mask = _batch(tok, ["Name a colour.", "Why is the sky blue on a clear day?"])
     stop = torch.tensor([tok.eos_token_id])
     with torch.inference_mode():
-        a = decode(model, ids, mask, 3, GenParams(10, 0.7, 0.9), stop, seed=5)
-        b = decode(model, ids, mask, 3, GenParams(10, 0.7, 0.9), stop, seed=5)
-        c = decode(model, ids, mask, 3, GenParams(10, 0.7, 0.9), stop, seed=6)
+        a = decode(model, unpadded(ids, mask), tok.pad_token_id, 3, GenParams(10, 0.7, 0.9), stop, seed=5)
+        b = decode(model, unpadded(ids, mask), tok.pad_token_id, 3, GenParams(10, 0.7, 0.9), stop, seed=5)
+        c = decode(model, unpadded(ids, mask), tok.pad_token_id, 3, GenParams(10, 0.7, 0.9), stop, seed=6)
     assert a.shape == (6, 10)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert len({tuple(r) for r in a[:3].tolist()}) > 1  # the k samples of one prompt differ

@@ -45,7 +45,7 @@ def sample_answer_ids(model, tokenizer, conversations: list[list[dict]], params:
     (end of turn), or all `max_new_tokens` tokens of an answer that was cut off."""
     import torch
 
-    from cfdpo.backends.transformers import decode, pad_batch
+    from cfdpo.backends.transformers import decode
 
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -57,9 +57,8 @@ def sample_answer_ids(model, tokenizer, conversations: list[list[dict]], params:
         encoded = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
                    for c in conversations[b : b + batch_size]]
         encoded = [e["input_ids"] if isinstance(e, dict) else list(e) for e in encoded]
-        ids, mask = pad_batch(encoded, pad_id)
         with torch.inference_mode():
-            new = decode(model, ids.to(device), mask.to(device), 1, params, stop_ids.to(device), seed + b).cpu()
+            new = decode(model, encoded, pad_id, 1, params, stop_ids.to(device), seed + b).cpu()
         for seq in new:
             stop = torch.isin(seq, stop_ids)
             n = int(stop.nonzero()[0]) + 1 if stop.any() else len(seq)

@@ -63,33 +63,120 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
 
 
-def decode(model, ids, mask, k: int, params: GenParams, stop_ids, seed: int, adapter_names: Sequence[str] | None = None):
-    """Sample `k` continuations of each left-padded row of `ids`; returns [rows*k, max_new_tokens]
-    token ids (the k samples of a row next to each other), padded with the first stop id after a stop.
-    With `adapter_names` (one per row of `ids`; PEFT models only) each row runs under its own LoRA
-    adapter, "__base__" for none: PEFT's mixed-adapter batches.
+SHARED_PREFIX_MIN = 8  # prompt tokens rows must share before their prefill is shared
 
-    A plain KV-cache loop instead of `model.generate`: one prefill per prompt (the cache is repeated
-    for the k samples), logits only for the last position, nucleus sampling without a full sort, and
-    rows that have stopped leave the batch (their cache rows are dropped) instead of decoding padding."""
+
+def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two token lists share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prefix_groups(seqs: Sequence[Sequence[int]], names: Sequence[str] | None = None,
+                  min_shared: int = SHARED_PREFIX_MIN) -> list[tuple[list[int], int]]:
+    """Rows of a batch that share a prompt prefix, as (row indices, shared length): in token order a row
+    joins the previous group when it shares at least `min_shared` tokens with that group's first row
+    (and runs under the same adapter). A group's length is what all its rows share, at most its shortest
+    row's length - 1 (each row reads one token of its own for its first logits); 0 for a row alone or
+    when under `min_shared`."""
+    order = sorted(range(len(seqs)), key=lambda i: (names[i] if names else "", list(seqs[i])))
+    groups: list[list[int]] = []
+    for i in order:
+        head = groups[-1][0] if groups else None
+        if head is not None and (names is None or names[head] == names[i]) \
+                and shared_length(seqs[head], seqs[i]) >= min_shared:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    out = []
+    for rows in groups:
+        length = min(len(seqs[i]) for i in rows) - 1 if len(rows) > 1 else 0
+        for i in rows[1:]:
+            length = min(length, shared_length(seqs[rows[0]], seqs[i]))
+        out.append((rows, length if length >= min_shared else 0))
+    return out
+
+
+def prefill(model, seqs: Sequence[Sequence[int]], pad_id: int, names: list[str] | None, kv: str,
+            min_shared: int = SHARED_PREFIX_MIN):
+    """Read the prompts `seqs` into a new KV cache: returns (cache, logits at each row's last token,
+    attention mask, position of each row's last token). The prefix a group of rows shares
+    (`prefix_groups`, e.g. the chat template's default system prompt and an instruction) is read once for
+    the group and its cache copied to the group's rows, which then read only their own tokens: the rows
+    lie as [padding][shared prefix][padding][own tokens], the mask hiding both paddings and the positions
+    counting only real tokens, so each row sees what it would see read whole. Models whose cache is not
+    plain `DynamicLayer`s (sliding windows, quantised caches) read every row whole."""
     import torch
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
-    device = ids.device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    device = next(model.parameters()).device
+    adapter = (lambda rows: {}) if names is None else (lambda rows: {"adapter_names": [names[i] for i in rows]})
+    groups = [(rows, length) for rows, length in prefix_groups(seqs, names, min_shared)]
+    shared = {}
+    for g, (rows, length) in enumerate(groups):
+        if length:
+            shared[g] = DynamicCache(config=model.config)
+            model(input_ids=torch.tensor([list(seqs[rows[0]][:length])], device=device), use_cache=True,
+                  **{kv: shared[g]}, **adapter(rows[:1]))
+    if any(type(layer) is not DynamicLayer for c in shared.values() for layer in c.layers):
+        shared = {}
+    lengths = [0] * len(seqs)
+    for g, (rows, length) in enumerate(groups):
+        for i in rows:
+            lengths[i] = length if g in shared else 0
+    width = max(lengths)
+    ids, own = pad_batch([list(s[n:]) for s, n in zip(seqs, lengths)], pad_id)
+    ids, own = ids.to(device), own.to(device)
     cache = DynamicCache(config=model.config)
+    if width:
+        first = next(iter(shared.values()))
+        for layer in range(len(first.layers)):
+            k0, v0 = first.layers[layer].keys, first.layers[layer].values
+            keys = k0.new_zeros((len(seqs), k0.shape[1], width, k0.shape[3]))
+            values = v0.new_zeros((len(seqs), v0.shape[1], width, v0.shape[3]))
+            for g, c in shared.items():
+                rows, length = groups[g]
+                index = torch.tensor(rows, device=device)
+                keys[index, :, width - length:] = c.layers[layer].keys[0]
+                values[index, :, width - length:] = c.layers[layer].values[0]
+            cache.update(keys, values, layer)
+    read = torch.tensor(lengths, device=device)
+    before = (torch.arange(width, device=device)[None, :] >= width - read[:, None]).long()
+    mask = torch.cat([before, own], dim=1)
+    pos = (read[:, None] + own.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **{kv: cache}, **adapter(range(len(seqs))))
+    return cache, out.logits[:, -1], mask, pos[:, -1]
+
+
+def decode(model, seqs: Sequence[Sequence[int]], pad_id: int, k: int, params: GenParams, stop_ids, seed: int,
+           adapter_names: Sequence[str] | None = None, min_shared: int = SHARED_PREFIX_MIN):
+    """Sample `k` continuations of each prompt (token lists `seqs`); returns [rows*k, max_new_tokens]
+    token ids (the k samples of a row next to each other), padded with the first stop id after a stop.
+    With `adapter_names` (one per row; PEFT models only) each row runs under its own LoRA adapter,
+    "__base__" for none: PEFT's mixed-adapter batches.
+
+    A plain KV-cache loop instead of `model.generate`: one prefill per prompt (`prefill`: a prefix rows
+    share is read once; the cache is repeated for the k samples), logits only for the last position,
+    nucleus sampling without a full sort, and rows that have stopped leave the batch (their cache rows
+    are dropped) instead of decoding padding."""
+    import torch
+
+    device = stop_ids.device
+    generator = torch.Generator(device=device).manual_seed(seed)
     kv = cache_kwarg(model)
     names = None if adapter_names is None else list(adapter_names)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                **{kv: cache}, **({} if names is None else {"adapter_names": names}))
-    logits = out.logits[:, -1]
-    last = pos[:, -1]
+    cache, logits, mask, last = prefill(model, seqs, pad_id, names, kv, min_shared)
     if k > 1:
         cache.batch_repeat_interleave(k)
         logits, mask, last = (t.repeat_interleave(k, dim=0) for t in (logits, mask, last))
         names = None if names is None else [name for name in names for _ in range(k)]
-    n = ids.shape[0] * k
+    n = len(seqs) * k
     result = torch.full((n, params.max_new_tokens), int(stop_ids[0]), dtype=torch.long, device=device)
     alive = torch.arange(n, device=device)  # result row of each row still decoding
     for step in range(params.max_new_tokens):
@@ -150,9 +237,8 @@ def generate_answers(
             batch = idxs[b : b + per_batch]
             if todo is not None and not any(i in todo for i in batch):
                 continue
-            ids, mask = pad_batch([encoded[i] for i in batch], pad_id)
             with torch.inference_mode():
-                new = decode(model, ids.to(device), mask.to(device), k, params, stop_ids.to(device),
+                new = decode(model, [encoded[i] for i in batch], pad_id, k, params, stop_ids.to(device),
                              seed * 1_000_003 + b,
                              None if adapter_names is None else [adapter_names[i] for i in batch]).cpu()
             answers, counts = [], []
