@@ -181,6 +181,27 @@ def test_relative_prompt_file_is_read_from_the_recipe_folder(tmp_path, monkeypat
     assert open_run(tmp_path / "run", rec).recipe.digest() == run.recipe.digest()  # same recipe, another directory
 
 
+def test_relative_in_scope_and_kl_prompt_files_are_read_from_the_recipe_folder(tmp_path, monkeypatch, tiny_model):
+    import json
+
+    import yaml
+    from conftest import tiny_recipe
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    for name in ("french.jsonl", "neutral.jsonl"):
+        (folder / name).write_text("".join(json.dumps({"prompt": f"{name} {i}?"}) + "\n" for i in range(3)))
+    data = tiny_recipe(tiny_model)
+    data["evaluation"].update(kl_source="neutral.jsonl",
+                              in_scope=[{"name": "french-user", "prompts": "french.jsonl"}, {"name": "builtin", "prompts": "french"}])
+    rec = folder / "r.yaml"
+    rec.write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)  # not the recipe's folder
+    ev = load_recipe(rec).evaluation
+    assert ev.kl_source == str(folder.resolve() / "neutral.jsonl")
+    assert [c.prompts for c in ev.in_scope] == [str(folder.resolve() / "french.jsonl"), "french"]
+
+
 def test_builtin_set_names_and_absolute_prompt_paths_stay_as_written(tmp_path):
     import yaml
 

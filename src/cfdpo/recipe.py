@@ -246,17 +246,23 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def _prompt_file_from(recipe: Recipe, folder: Path) -> Recipe:
-    """The recipe with a relative prompt file path made absolute from `folder` (builtin set names stay names).
+    """The recipe with each relative prompt file path (`prompts.source`, `evaluation.kl_source`, an in-scope
+    context's `prompts`) made absolute from `folder`; builtin set names stay names.
 
-    A run directory keeps a copy of the recipe, so the copy holds the absolute path and still finds the file.
+    A run directory keeps a copy of the recipe, so the copy holds the absolute paths and still finds the files.
     """
     from cfdpo.prompts import BUILTIN_SETS
 
-    source = recipe.prompts.source
-    if source in BUILTIN_SETS or Path(source).is_absolute():
-        return recipe
-    prompts = recipe.prompts.model_copy(update={"source": str(folder.resolve() / source)})
-    return recipe.model_copy(update={"prompts": prompts})
+    def located(source: str | None) -> str | None:
+        if source is None or source in BUILTIN_SETS or Path(source).is_absolute():
+            return source
+        return str(folder.resolve() / source)
+
+    ev = recipe.evaluation
+    in_scope = [c.model_copy(update={"prompts": located(c.prompts)}) for c in ev.in_scope]
+    return recipe.model_copy(update={
+        "prompts": recipe.prompts.model_copy(update={"source": located(recipe.prompts.source)}),
+        "evaluation": ev.model_copy(update={"kl_source": located(ev.kl_source), "in_scope": in_scope})})
 
 
 def dump_recipe(recipe: Recipe) -> str:

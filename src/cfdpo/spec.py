@@ -312,8 +312,9 @@ class InScopeContext(_Strict):
                                   "not behaviour.system_prompt, the control condition, where nothing asks for it")
     prompts: str | None = Field(
         default=None,
-        description="builtin set name or .jsonl/.csv/.parquet file of prompts where the behaviour is legitimate; "
-                    "not prompts.source, the control condition's prompts, where nothing calls for it")
+        description="builtin set name or .jsonl/.csv/.parquet file of prompts where the behaviour is legitimate "
+                    "(a relative path is read from the recipe file's folder); not prompts.source, the control "
+                    "condition's prompts, where nothing calls for it")
     column: str = Field(default="prompt", description="the prompt column of that file")
     expect: Literal["higher", "lower"] | None = Field(
         default=None,
@@ -383,7 +384,8 @@ class EvalSpec(_Strict):
     kl_prompts: int = Field(default=16, ge=0, description="prompts on which KL(base || model) is estimated (0: no KL)")
     kl_source: str = Field(
         default="general", min_length=1,
-        description="builtin set or prompt file for the KL estimate: prompts unrelated to the behaviour")
+        description="builtin set or prompt file for the KL estimate: prompts unrelated to the behaviour (a "
+                    "relative path is read from the recipe file's folder)")
     baselines: list[Literal["steering"]] = Field(
         default_factory=list,
         description="Extra models scored on the same scorecard: steering (the base model with a CAA-style steering "
