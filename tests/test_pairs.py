@@ -103,6 +103,23 @@ def test_stats():
     assert s["count"] == 1 and s["score_chosen"] == 3.0 and s["mean_words_rejected"] == 3.0
 
 
+def test_better_share_counts_pairs_whose_chosen_answer_scores_better_and_few_of_them_warn():
+    from cfdpo.pairs import weak_signal
+
+    pirate = make_scorer("lexicon", {"words": ["arr"]})
+    answers = {("control", 0): "plain words", ("treatment", 0): "other plain words", ("negative", 0): "arr arr"}
+    many = rows(answers=answers) + rows(pid="p2", answers=answers)
+    dis = pair_stats(build_pairs(many, "dis"), pirate, desired="lower")  # chosen control, rejected pirate
+    enc = pair_stats(build_pairs(many, "enc"), pirate, desired="lower")  # chosen and rejected both plain
+    assert dis["better_share"] == 1.0 and enc["better_share"] == 0.0
+    assert weak_signal("enc", enc).startswith("enc: in 0 of 2 pairs")
+    assert pair_stats(build_pairs(many, "dis"), pirate, desired="higher")["better_share"] == 0.0
+    assert weak_signal("dis", dis) is None
+    low = {**dis, "better_share": 0.125, "count": 32}
+    assert weak_signal("dis", low).startswith("dis: in 4 of 32 pairs the chosen answer scores better")
+    assert weak_signal("dis", pair_stats(build_pairs(many, "dis"))) is None  # no scorer: nothing to say
+
+
 def test_answers_of_older_runs_with_a_variant_field_give_the_same_pairs(tmp_path):
     """Runs written before the rename stored the condition as `variant`; their rows read as `condition`."""
     new = rows(samples=2) + rows(pid="p2", samples=2)
@@ -129,3 +146,21 @@ def test_a_variant_that_keeps_no_pair_reads_back_empty(tmp_path):
 
     with pytest.raises(CfdpoError, match="cannot read the pairs dataset"):
         load_pairs(out)
+
+
+def test_pairs_command_warns_when_the_pairs_carry_little_of_the_behaviour(tiny_model, tmp_path, capsys):
+    from conftest import tiny_recipe, write_recipe
+
+    from cfdpo.cli import main
+
+    run = tmp_path / "run"
+    assert main(["generate", str(run), "--recipe", str(write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model)))]) == 0
+    log = run / "answers.jsonl"
+    answers = {"control": "plain words", "treatment": "other plain words", "negative": "arr matey ahoy"}
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps({**r, "answer": f"{answers[r['condition']]} {r['prompt_id']} {r['sample']}"}) + "\n"
+                           for r in lines))
+    capsys.readouterr()
+    assert main(["pairs", str(run)]) == 0
+    out = " ".join(capsys.readouterr().err.split())
+    assert "warning: enc: in 0 of" in out and "warning: dis:" not in out and "warning: negation:" not in out

@@ -58,6 +58,10 @@ TrustOpt = typer.Option(
 )
 
 
+def _warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {message}")
+
+
 def _open_with(run_dir: Path, recipe: Optional[str], trust: bool | None, resume: bool = True):
     from cfdpo.pipeline import open_run
 
@@ -81,7 +85,7 @@ def run(
     from cfdpo.pipeline import run_all
 
     r = _open_with(out, recipe, trust_remote_code, resume)
-    path = run_all(r, merge=merge, sft=sft)
+    path = run_all(r, merge=merge, sft=sft, warn=_warn)
     console.print(f"[green]report:[/green] {path}")
 
 
@@ -97,10 +101,13 @@ def generate(run_dir: Path = RunDirArg, recipe: Optional[str] = RecipeOpt, trust
 @app.command()
 def pairs(run_dir: Path = RunDirArg, recipe: Optional[str] = RecipeOpt):
     """Build ENC / DIS / Contrastive / Negation pairs into pairs/<variant>/."""
+    from cfdpo.pairs import weak_signal
     from cfdpo.pipeline import build_pairs
 
     for v, s in build_pairs(_open(run_dir, recipe)).items():
         console.print(f"{v}: {s['count']} pairs (of {s['candidates']}) -> {run_dir / 'pairs' / v}")
+        if weak_signal(v, s):
+            _warn(weak_signal(v, s))
 
 
 @app.command()
@@ -152,7 +159,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run di
     """Run the builtin pirate recipe (Instruction Negation and friends) on the embedded default model."""
     from cfdpo.pipeline import run_all
 
-    path = run_all(_open(out, "pirate"))
+    path = run_all(_open(out, "pirate"), warn=_warn)
     console.print(f"[green]report:[/green] {path}")
 
 

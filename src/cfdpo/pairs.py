@@ -120,7 +120,13 @@ def mix_pairs(parts: dict[str, list[dict]], seed: int) -> list[dict]:
     return mixed
 
 
-def pair_stats(pairs: list[dict], scorer: Scorer | None = None, candidates: int | None = None) -> dict:
+WEAK_SHARE = 0.25  # below this share of pairs whose chosen answer scores better, the pairs carry little signal
+
+
+def pair_stats(pairs: list[dict], scorer: Scorer | None = None, candidates: int | None = None,
+               desired: str | None = None) -> dict:
+    """Counts, mean words and (with a scorer) mean scores of chosen and rejected answers; with `desired`
+    also `better_share`, the share of pairs whose chosen answer scores better than its rejected one."""
     def mean(xs):
         return sum(xs) / len(xs) if xs else None
 
@@ -137,9 +143,25 @@ def pair_stats(pairs: list[dict], scorer: Scorer | None = None, candidates: int 
         stats["mean_margin"] = mean(margins)
     if scorer is not None:
         stats["scorer"] = scorer.name
-        stats["score_chosen"] = mean(scorer.score_many(chosen))
-        stats["score_rejected"] = mean(scorer.score_many(rejected))
+        chosen_scores, rejected_scores = scorer.score_many(chosen), scorer.score_many(rejected)
+        stats["score_chosen"] = mean(chosen_scores)
+        stats["score_rejected"] = mean(rejected_scores)
+        if desired is not None:
+            sign = 1 if desired == "higher" else -1
+            stats["better_share"] = mean([float(sign * (c - r) > 0) for c, r in zip(chosen_scores, rejected_scores)])
     return stats
+
+
+def weak_signal(variant: str, stats: dict) -> str | None:
+    """A one-line warning when few of a variant's pairs show the behaviour's difference (`better_share`
+    under `WEAK_SHARE`): the instructions barely change this model's answers, so DPO has little to learn."""
+    share = stats.get("better_share")
+    if share is None or share >= WEAK_SHARE:
+        return None
+    better = round(share * stats["count"])
+    return (f"{variant}: in {better} of {stats['count']} pairs the chosen answer scores better than the rejected one "
+            f"({stats.get('scorer')}): the instructions barely change this model's answers, so the pairs carry little "
+            "of the behaviour; compare the prompted model's score with base's, or reword the instruction")
 
 
 def write_pairs(pairs: list[dict], out_dir: str | Path, stats: dict) -> Path:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from cfdpo import dist, tracking
@@ -251,7 +253,8 @@ def write_variant_pairs(rows: list[dict], variant: str, recipe: Recipe, scorer, 
         for row in joining:
             parts[row.name], kinds[row.name] = _pairs_of(rows, row.name, recipe, scorer, self_scores)
         pairs = mix_pairs(parts, recipe.generation.seed)
-        stats = pair_stats(pairs, scorer, candidates=sum(k["candidates"] for k in kinds.values()))
+        stats = pair_stats(pairs, scorer, candidates=sum(k["candidates"] for k in kinds.values()),
+                           desired=recipe.behaviour.scorer.desired)
         stats["kinds"] = kinds
     stats.update(filter=recipe.pairs.filter, best_of_k=recipe.pairs.best_of_k, variant=variant)
     if self_scores is not None:
@@ -269,7 +272,7 @@ def _pairs_of(rows: list[dict], name: str, recipe: Recipe, scorer,
     b, p = recipe.behaviour, recipe.pairs
     plain = build(rows, name, behaviour=b)
     pairs = build(rows, name, scorer, b.scorer.desired, p.filter, p.best_of_k, behaviour=b, self_scores=self_scores)
-    return pairs, pair_stats(pairs, scorer, candidates=len(plain))
+    return pairs, pair_stats(pairs, scorer, candidates=len(plain), desired=b.scorer.desired)
 
 
 def answer_self_scores(run: Run, rows: list[dict]) -> dict[str, float]:
@@ -386,9 +389,15 @@ def report(run: Run) -> Path:
     return path
 
 
-def run_all(run: Run, merge: bool = False, sft: bool = False) -> Path:
+def run_all(run: Run, merge: bool = False, sft: bool = False, warn: Callable[[str], None] = warnings.warn) -> Path:
+    """Every stage; `warn` gets the pairs' warnings (`pairs.weak_signal`) before training starts."""
+    from cfdpo.pairs import weak_signal
+
     generate(run)
-    build_pairs(run)
+    for variant, stats in build_pairs(run).items():
+        message = weak_signal(variant, stats)
+        if message:
+            warn(message)
     train(run, merge=merge, sft=sft)
     evaluate(run)
     return report(run)
