@@ -253,9 +253,9 @@ def write_variant_pairs(rows: list[dict], variant: str, recipe: Recipe, scorer, 
         for row in joining:
             parts[row.name], kinds[row.name] = _pairs_of(rows, row.name, recipe, scorer, self_scores)
         pairs = mix_pairs(parts, recipe.generation.seed)
-        stats = pair_stats(pairs, scorer, candidates=sum(k["candidates"] for k in kinds.values()),
-                           desired=recipe.behaviour.scorer.desired)
-        stats["kinds"] = kinds
+        stats = pair_stats(pairs, scorer, candidates=sum(k["candidates"] for k in kinds.values()))
+        # retain pairs choose the behaviour on purpose: the share that shows the signal is the variant's own
+        stats.update(kinds=kinds, better_share=kinds[variant].get("better_share"))
     stats.update(filter=recipe.pairs.filter, best_of_k=recipe.pairs.best_of_k, variant=variant)
     if self_scores is not None:
         stats["score"] = "self"  # count of candidates: what filter / best_of_k kept on the self margin

@@ -116,7 +116,7 @@ def prefill(model, seqs: Sequence[Sequence[int]], pad_id: int, names: list[str] 
 
     device = next(model.parameters()).device
     adapter = (lambda rows: {}) if names is None else (lambda rows: {"adapter_names": [names[i] for i in rows]})
-    groups = [(rows, length) for rows, length in prefix_groups(seqs, names, min_shared)]
+    groups = prefix_groups(seqs, names, min_shared)
     shared = {}
     for g, (rows, length) in enumerate(groups):
         if length:
