@@ -242,7 +242,9 @@ class DPOSpec(_Strict):
                                                          "reference; higher keeps it closer.")
     learning_rate: float = Field(default=5e-4, gt=0.0, lt=1.0, description="Initial learning rate of the AdamW optimizer.")
     epochs: float = Field(default=1.0, gt=0.0, description="Passes over the pairs; may be fractional.")
-    batch_size: int = Field(default=8, ge=1, description="Pairs per process and step.")
+    batch_size: int = Field(default=4, ge=1, description="Pairs per process and step (4: twice the optimizer "
+                                                         "steps of 8 at the same cost; on 32 pairs 8 steps moved "
+                                                         "new behaviours where 4 steps barely did).")
     grad_accum: int = Field(default=1, ge=1, description="Steps whose gradients add up before each update; the "
                                                          "effective batch is batch_size x grad_accum x processes.")
     max_length: int = Field(default=512, ge=16, description="Longest prompt + answer, in tokens; longer ones are truncated.")
