@@ -106,8 +106,9 @@ def pairs(run_dir: Path = RunDirArg, recipe: Optional[str] = RecipeOpt):
 
     for v, s in build_pairs(_open(run_dir, recipe)).items():
         console.print(f"{v}: {s['count']} pairs (of {s['candidates']}) -> {run_dir / 'pairs' / v}")
-        if weak_signal(v, s):
-            _warn(weak_signal(v, s))
+        message = weak_signal(v, s)
+        if message:
+            _warn(message)
 
 
 @app.command()
