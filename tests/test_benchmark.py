@@ -154,12 +154,23 @@ def test_target_rules_judge_every_comparison():
         {"label": "at most", "metric": "negative.score", "compare": "at_most", "threshold": 0.1},
         {"label": "share", "metric": "negative.score", "compare": "share_of", "reference": "prompted", "threshold": 25},
         {"label": "times", "metric": "negative.score", "compare": "times_of", "reference": "prompted", "threshold": 0.1, "digits": 1},
+        {"label": "at least", "metric": "negative.score", "compare": "at_least", "threshold": 0.1},
+        {"label": "way", "metric": "negative.score", "compare": "way_to", "start": "base", "reference": "prompted",
+         "threshold": 190},
+        {"label": "no way", "metric": "control.score", "compare": "way_to", "start": "base", "reference": "prompted",
+         "threshold": 50},
         {"label": "missing", "metric": "negative.nothing", "compare": "at_most", "threshold": 1}]}
     got = target_rows(runs, load_targets_from({"targets": [rule]}))
     assert got == [
         {"target": "at most", "value": "0.200", "met": False, "gap": "+0.100"},
         {"target": "share", "value": "0.200 vs prompted 1.000 (20% of prompted)", "met": True, "gap": "-5 points of prompted's score"},
         {"target": "times", "value": "0.2 vs prompted 1.0 (0.20×)", "met": False, "gap": "+0.10×"},
+        {"target": "at least", "value": "0.200", "met": True, "gap": "-0.100"},
+        # base 2.0 -> prompted 1.0: the adapter's 0.2 is 180% of that way
+        {"target": "way", "value": "0.200 from base 2.000 toward prompted 1.000 (180% of the way)", "met": False,
+         "gap": "+10 points"},
+        {"target": "no way", "value": "0.000 from base 0.000 toward prompted 0.000 (no gap to close)", "met": False,
+         "gap": ""},
     ]
 
 
@@ -176,6 +187,12 @@ def load_targets_from(data: dict, tmp: Path | None = None):
 @pytest.mark.parametrize("rule, message", [
     ({"recipe": "x", "checks": [{"label": "a", "metric": "nll_ratio", "compare": "share_of", "threshold": 1}]}, "give 'reference'"),
     ({"recipe": "x", "checks": [{"label": "a", "metric": "nll_ratio", "compare": "below", "threshold": 1}]}, "targets.0.checks.0.compare"),
+    ({"recipe": "x", "checks": [{"label": "a", "metric": "m", "compare": "way_to", "reference": "p", "threshold": 1}]},
+     "give 'start'"),
+    ({"recipe": "x", "checks": [{"label": "a", "metric": "m", "compare": "share_of", "reference": "p", "start": "b",
+                                 "threshold": 1}]}, "give 'start'"),
+    ({"recipe": "x", "checks": [{"label": "a", "metric": "m", "compare": "at_least", "reference": "p", "threshold": 1}]},
+     "give 'reference'"),
     ({"recipe": "x", "checks": [{"label": "{run}", "metric": "nll_ratio", "compare": "at_most", "threshold": 1}]}, "only {recipe}"),
     ({"recipe": "x", "config": "sometimes", "checks": [{"label": "a", "metric": "m", "compare": "at_most", "threshold": 1}]}, "config 'sometimes'"),
     ({"recipe": "x", "checks": []}, "targets.0.checks"),
@@ -198,9 +215,19 @@ def test_plan_takes_the_repo_targets_from_its_root_and_none_elsewhere(tmp_path, 
     assert plan().targets.source == str(Path("bench") / "targets.yaml") and plan().targets.targets
     monkeypatch.chdir(tmp_path)
     assert plan().targets.targets == []
+
     assert plan(REPO_TARGETS).targets.source == str(REPO_TARGETS)
     with pytest.raises(CfdpoError, match="nope.yaml: targets file not found"):
         plan(tmp_path / "nope.yaml")
+
+
+def test_repo_targets_name_shipped_recipes_and_their_variants():
+    from cfdpo.recipe import load_recipe
+
+    recipes = {r.behaviour.name: r for r in map(load_recipe, sorted(REPO_TARGETS.parents[1].glob("recipes/**/*.yaml")))}
+    for rule in load_targets(REPO_TARGETS).targets:
+        if rule.recipe != "*":
+            assert rule.recipe in recipes and rule.model in recipes[rule.recipe].variants, rule.recipe
 
 
 def test_results_store_records_runs_and_skips_with_reasons(tmp_path):

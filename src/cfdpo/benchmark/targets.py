@@ -10,15 +10,18 @@ A targets file (YAML; the repository's is bench/targets.yaml):
         checks:
           - label: "{recipe}/{config}/{model}: nll_ratio ≤ 1.05"   # the row's name
             metric: nll_ratio        # a path in the model's metrics: negative.score, control.mean_words
-            compare: at_most         # at_most | share_of | times_of | points_from
+            compare: at_most         # at_most | at_least | share_of | times_of | points_from | way_to
             threshold: 1.05
-            reference: base          # the model compared with (share_of, times_of, points_from)
+            reference: base          # the model compared with (share_of, times_of, points_from, way_to)
+            start: base              # way_to only: the model the way starts from
 
 Each check is judged on the mean over seeds of the metric:
-- at_most: mean ≤ threshold;
+- at_most: mean ≤ threshold; at_least: mean ≥ threshold;
 - share_of: mean ≤ threshold % of the reference model's mean;
 - times_of: mean ≤ threshold × the reference model's mean;
-- points_from: a fraction (an accuracy) within `threshold` percentage points of the reference's.
+- points_from: a fraction (an accuracy) within `threshold` percentage points of the reference's;
+- way_to: the mean has gone at least `threshold` % of the way from the start model's mean to the
+  reference's (ENC's "50 % of the way from base to the prompted teacher": start base, reference prompted).
 A rule whose runs or metrics are missing gives no row.
 """
 
@@ -43,26 +46,38 @@ class _Strict(BaseModel):
 class Check(_Strict):
     label: str = Field(min_length=1)
     metric: str = Field(min_length=1)
-    compare: Literal["at_most", "share_of", "times_of", "points_from"]
+    compare: Literal["at_most", "at_least", "share_of", "times_of", "points_from", "way_to"]
     threshold: float
     reference: str | None = None
+    start: str | None = None
     digits: int = Field(3, ge=0, le=6)  # decimals of the measured means (not for points_from)
 
     @model_validator(mode="after")
     def _reference_when_relative(self) -> Check:
-        if (self.compare == "at_most") != (self.reference is None):
-            raise ValueError("give 'reference' (a model) with share_of, times_of and points_from, and only with them")
+        absolute = self.compare in ("at_most", "at_least")
+        if absolute != (self.reference is None):
+            raise ValueError("give 'reference' (a model) with share_of, times_of, points_from and way_to, and only with them")
+        if (self.compare == "way_to") != (self.start is not None):
+            raise ValueError("give 'start' (a model) with way_to, and only with it")
         try:
             self.label.format(recipe="", config="", model="")
         except (KeyError, IndexError, ValueError):
             raise ValueError(f"label '{self.label}': only {{recipe}}, {{config}} and {{model}} are filled in") from None
         return self
 
-    def judge(self, value: float, ref: float | None) -> dict:
-        """The row for a measured mean (and the reference's mean): value, met, gap (+: missed by)."""
+    def judge(self, value: float, ref: float | None, start: float | None = None) -> dict:
+        """The row for a measured mean (and the reference's and start's means): value, met, gap (+: missed by)."""
         d, t, name = self.digits, self.threshold, self.reference
         if self.compare == "at_most":
             return {"value": f"{value:.{d}f}", "met": value <= t, "gap": f"{value - t:+.{d}f}"}
+        if self.compare == "at_least":
+            return {"value": f"{value:.{d}f}", "met": value >= t, "gap": f"{t - value:+.{d}f}"}
+        if self.compare == "way_to":
+            seen = f"{value:.{d}f} from {self.start} {start:.{d}f} toward {name} {ref:.{d}f}"
+            if ref == start:  # no way to go: reported, never met
+                return {"value": f"{seen} (no gap to close)", "met": False, "gap": ""}
+            way = 100 * (value - start) / (ref - start)
+            return {"value": f"{seen} ({way:.0f}% of the way)", "met": way >= t, "gap": f"{t - way:+.0f} points"}
         if self.compare == "points_from":
             diff = 100 * (value - ref)
             return {"value": f"{100 * value:.1f}% vs {name} {100 * ref:.1f}% ({diff:+.1f})",
@@ -128,9 +143,10 @@ def target_rows(results: dict, targets: Targets) -> list[dict]:
                     for check in rule.checks:
                         path = check.metric.split(".")
                         value = mean_std(metric_values(runs, model, *path))[0]
-                        ref = mean_std(metric_values(runs, check.reference, *path))[0] if check.reference else None
-                        if value is None or (check.reference and ref is None):
+                        ref, start = (mean_std(metric_values(runs, other, *path))[0] if other else None
+                                      for other in (check.reference, check.start))
+                        if value is None or (check.reference and ref is None) or (check.start and start is None):
                             continue
                         label = check.label.format(recipe=recipe, config=config, model=model)
-                        rows.append({"target": label, **check.judge(value, ref)})
+                        rows.append({"target": label, **check.judge(value, ref, start)})
     return rows
