@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import tiny_recipe, write_recipe
 
-from cfdpo.benchmark.aggregate import mean_std
+from cfdpo.benchmark.aggregate import mean_std, t975, t_interval
 from cfdpo.benchmark.plan import Plan
 from cfdpo.benchmark.runner import ResultsStore, union_pairs
 from cfdpo.benchmark.tables import fmt_ms, render_results, write_results
@@ -104,6 +104,13 @@ def test_mean_std_formatting():
     assert fmt_ms([10.0, 12.0], 1) == "11.0 ± 1.4"
 
 
+def test_t_interval_over_seeds():
+    lo, hi = t_interval([1.0, 2.0, 3.0])  # mean 2, std 1, t(2) = 4.303: ± 4.303 / √3
+    assert round(lo, 3) == -0.484 and round(hi, 3) == 4.484
+    assert t_interval([5.0]) is None and t_interval([]) is None
+    assert abs(t975(20) - 2.086) < 0.001 and abs(t975(100) - 1.984) < 0.001  # the expansion past the table
+
+
 def _fake_results() -> dict:
     def run(recipe, seed, models, conds):
         return {"recipe": recipe, "config": "plain", "seed": seed, "seconds": 10.0, "pairs": {},
@@ -145,7 +152,8 @@ def test_render_results_has_command_sizes_and_mean_std(tmp_path):
     assert "No target rules given" in text and "SmolLM2" not in text  # the setting and targets come from the file
     text = render_results(res, Plan({}, 2, tmp_path, tmp_path, targets=load_targets(REPO_TARGETS)), [])
     assert "Model: SmolLM2-135M-Instruct (the embedded default), CPU. 2 seeds" in text
-    assert f"Rules from `{REPO_TARGETS}`." in text and "| pirate/plain/negation: nll_ratio ≤ 1.05 | 1.050 | yes |" in text
+    assert f"Rules from `{REPO_TARGETS}`; met" in text
+    assert "| pirate/plain/negation: nll_ratio ≤ 1.05 | 1.050 | [0.669, 1.43] (2 seeds) | yes |" in text
 
 
 def test_target_rules_judge_every_comparison():
@@ -162,15 +170,18 @@ def test_target_rules_judge_every_comparison():
         {"label": "missing", "metric": "negative.nothing", "compare": "at_most", "threshold": 1}]}
     got = target_rows(runs, load_targets_from({"targets": [rule]}))
     assert got == [
-        {"target": "at most", "value": "0.200", "met": False, "gap": "+0.100"},
-        {"target": "share", "value": "0.200 vs prompted 1.000 (20% of prompted)", "met": True, "gap": "-5 points of prompted's score"},
-        {"target": "times", "value": "0.2 vs prompted 1.0 (0.20×)", "met": False, "gap": "+0.10×"},
-        {"target": "at least", "value": "0.200", "met": True, "gap": "-0.100"},
+        # per seed 0.1 and 0.3: mean 0.2 ± t(1) 12.706 × std 0.1414 / √2 = ± 1.27
+        {"target": "at most", "value": "0.200", "met": False, "gap": "+0.100", "interval": "[-1.07, 1.47] (2 seeds)"},
+        {"target": "share", "value": "0.200 vs prompted 1.000 (20% of prompted)", "met": True,
+         "gap": "-5 points of prompted's score", "interval": "[-107, 147] (2 seeds)"},
+        {"target": "times", "value": "0.2 vs prompted 1.0 (0.20×)", "met": False, "gap": "+0.10×",
+         "interval": "[-1.07, 1.47] (2 seeds)"},
+        {"target": "at least", "value": "0.200", "met": True, "gap": "-0.100", "interval": "[-1.07, 1.47] (2 seeds)"},
         # base 2.0 -> prompted 1.0: the adapter's 0.2 is 180% of that way
         {"target": "way", "value": "0.200 from base 2.000 toward prompted 1.000 (180% of the way)", "met": False,
-         "gap": "+10 points"},
+         "gap": "+10 points", "interval": "[52.9, 307] (2 seeds)"},  # per seed 190% and 170%
         {"target": "no way", "value": "0.000 from base 0.000 toward prompted 0.000 (no gap to close)", "met": False,
-         "gap": ""},
+         "gap": "", "interval": "n=0 seeds"},
     ]
 
 

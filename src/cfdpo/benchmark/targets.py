@@ -15,7 +15,9 @@ A targets file (YAML; the repository's is bench/targets.yaml):
             reference: base          # the model compared with (share_of, times_of, points_from, way_to)
             start: base              # way_to only: the model the way starts from
 
-Each check is judged on the mean over seeds of the metric:
+Each check is judged on the mean over seeds of the metric (the row also gives the 95 % t interval over
+seeds of the judged quantity: the value, its share or ratio of the reference's, points from it, or the
+share of the way, per seed):
 - at_most: mean ≤ threshold; at_least: mean ≥ threshold;
 - share_of: mean ≤ threshold % of the reference model's mean;
 - times_of: mean ≤ threshold × the reference model's mean;
@@ -33,7 +35,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cfdpo.benchmark.aggregate import PAIR_CONFIGS, UNTRAINED, mean_std, metric_values, runs_of
+from cfdpo.benchmark.aggregate import PAIR_CONFIGS, UNTRAINED, mean_std, metric_values, runs_of, t_interval
 from cfdpo.errors import CfdpoError
 
 EVERY = "*"
@@ -64,6 +66,19 @@ class Check(_Strict):
         except (KeyError, IndexError, ValueError):
             raise ValueError(f"label '{self.label}': only {{recipe}}, {{config}} and {{model}} are filled in") from None
         return self
+
+    def measure(self, value: float, ref: float | None, start: float | None = None) -> float | None:
+        """The judged quantity of one seed (or of the means): the value itself, % of the reference's,
+        × the reference's, points from it, or % of the way from start to reference; None where undefined."""
+        if self.compare in ("at_most", "at_least"):
+            return value
+        if self.compare == "points_from":
+            return 100 * (value - ref)
+        if self.compare == "way_to":
+            return None if ref == start else 100 * (value - start) / (ref - start)
+        if not ref:
+            return None
+        return 100 * value / ref if self.compare == "share_of" else value / ref
 
     def judge(self, value: float, ref: float | None, start: float | None = None) -> dict:
         """The row for a measured mean (and the reference's and start's means): value, met, gap (+: missed by)."""
@@ -148,5 +163,19 @@ def target_rows(results: dict, targets: Targets) -> list[dict]:
                         if value is None or (check.reference and ref is None) or (check.start and start is None):
                             continue
                         label = check.label.format(recipe=recipe, config=config, model=model)
-                        rows.append({"target": label, **check.judge(value, ref, start)})
+                        per_seed = [check.measure(*seed) for seed in zip(
+                            metric_values(runs, model, *path),
+                            *(metric_values(runs, other, *path) if other else [None] * len(runs)
+                              for other in (check.reference, check.start)))
+                            if seed[0] is not None]
+                        rows.append({"target": label, **check.judge(value, ref, start),
+                                     "interval": seed_interval([x for x in per_seed if x is not None])})
     return rows
+
+
+def seed_interval(values: list[float]) -> str:
+    """'[lo, hi] (n seeds)': the 95 % t interval of the mean over seeds; 'n=1 seed' for a single one."""
+    lo_hi = t_interval(values)
+    if lo_hi is None:
+        return f"n={len(values)} seed{'s' * (len(values) != 1)}"
+    return f"[{lo_hi[0]:.3g}, {lo_hi[1]:.3g}] ({len(values)} seeds)"
