@@ -12,7 +12,7 @@ from conftest import tiny_recipe, write_recipe
 from cfdpo.benchmark.aggregate import mean_std, t975, t_interval
 from cfdpo.benchmark.plan import Plan
 from cfdpo.benchmark.runner import ResultsStore, union_pairs
-from cfdpo.benchmark.tables import fmt_ms, render_results, write_results
+from cfdpo.benchmark.tables import fmt_ms, render_results, scorecard_table, write_results
 from cfdpo.benchmark.targets import load_targets, target_rows
 from cfdpo.errors import CfdpoError
 from cfdpo.likelihood import continuation_logprobs, load_mcq, mcq_accuracy, mcq_context, shared_context_logprobs
@@ -322,3 +322,21 @@ def test_benchmark_end_to_end_tiny_model(tiny_model, tmp_path):
     (docs / "RESULTS.md").write_text(text + "\n## Discussion\n\nkept\n")
     write_results(res, Plan({}, 2, out, docs))
     assert (docs / "RESULTS.md").read_text().endswith("## Discussion\n\nkept\n")
+
+
+def test_scorecard_table_over_seeds():
+    def model(para, retention, kl):
+        conds = {"control": {"kind": "control", "score": 0.0}, "negative": {"kind": "negative", "score": 1.0},
+                 "in_scope:tutor": {"kind": "in_scope", "score": 0.5, "retention": {"ratio": retention}}}
+        return {"conditions": conds, "groups": {"instruction_of": "negative", "paraphrase": {"score": para},
+                                                "placement": {"score": 0.25}},
+                "capability": {"kl_per_token": kl}, "drift": {"repeated_share": 0.0}}
+
+    runs = [{"recipe": "x", "config": "plain", "seed": s, "metrics": {"models": {
+        "base": model(1.0, 1.0, 0.0), "negation": model(0.2 + 0.2 * s, 0.5 + 0.1 * s, 0.05)}}} for s in (0, 1)]
+    table = scorecard_table({"runs": runs}, "x")
+    assert table[0] == ("| model | control | negative (trained wording) | held-out paraphrases | other placements | "
+                        "retention: tutor | KL / answer token | repeated answers |")
+    assert table[3] == "| `negation` | 0.000 ± 0.000 | 1.000 ± 0.000 | 0.300 ± 0.141 | 0.250 ± 0.000 | 0.550 ± 0.071 | 0.050 ± 0.000 | 0.000 ± 0.000 |"
+    old = [{**r, "metrics": {"models": {"base": {"control": {"score": 0.0}}}}} for r in runs]
+    assert scorecard_table({"runs": old}, "x") == []  # results from before the scorecard: no table

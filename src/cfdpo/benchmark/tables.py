@@ -39,6 +39,29 @@ def recipe_table(results: dict, recipe: str, config: str = "plain") -> list[str]
     return md_table(head, rows)
 
 
+def scorecard_table(results: dict, recipe: str, config: str = "plain") -> list[str]:
+    """The scorecard over seeds: the control prompt, the trained instruction, its held-out paraphrases and
+    other placements, retention in each in-scope context, KL per answer token and repeated answers."""
+    runs = runs_of(results, recipe, config)
+    models = runs[0]["metrics"]["models"] if runs else {}
+    first = next(iter(models.values()), {})
+    if "groups" not in first:  # results of a version without the scorecard
+        return []
+    instruction = first["groups"]["instruction_of"]
+    in_scope = [c for c, v in first["conditions"].items() if v.get("kind") == "in_scope"]
+    head = ["model", "control", f"{instruction} (trained wording)", "held-out paraphrases", "other placements",
+            *(f"retention: {c.split(':', 1)[1]}" for c in in_scope), "KL / answer token", "repeated answers"]
+    rows = []
+    for name in models:
+        rows.append([f"`{name}`",
+                     *(fmt_ms(metric_values(runs, name, *path), 3) for path in (
+                         ("conditions", "control", "score"), ("conditions", instruction, "score"),
+                         ("groups", "paraphrase", "score"), ("groups", "placement", "score"),
+                         *(("conditions", c, "retention", "ratio") for c in in_scope),
+                         ("capability", "kl_per_token"), ("drift", "repeated_share")))])
+    return md_table(head, rows)
+
+
 def sizes_lines(results: dict) -> list[str]:
     head = ["recipe", "config", "train prompts", "held-out prompts", "samples/condition", "gen tokens", "variants",
             "DPO epochs × lr × batch", "MCQ items", "seconds/seed"]
@@ -141,6 +164,11 @@ def render_results(results: dict, plan: Plan, plots: list[Path]) -> str:
         b = r0["metrics"]["behaviour"]
         lines += [f"## {name}", "", f"Scorer `{b['scorer']}` ({b.get('unit', '')}), **{b['desired']}** is better. "
                   f"Variants: {', '.join(r0['recipe_data']['variants'])}.", "", *recipe_table(results, name), ""]
+        scorecard = scorecard_table(results, name)
+        if scorecard:
+            lines += ["Scorecard (behaviour scores; retention = model / base in the in-scope context; KL(base ‖ model) "
+                      "per answer token on base's sampled answers to prompts unrelated to the behaviour; repeated "
+                      "answers = share of degenerate control answers):", "", *scorecard, ""]
     if plan.pair_quality:
         lines += ["## Pair quality: plain vs scorer-filtered vs best-of-k", "",
                   "Same training answers for all three; `filter` drops pairs whose chosen answer does not beat the "
