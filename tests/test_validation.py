@@ -193,3 +193,58 @@ def test_plot_validation_writes_one_png_per_adapter_with_a_curve(tmp_path):
     paths = plot_validation(tmp_path)
     assert paths == [tmp_path / "plots" / "validation_enc.png"]
     assert paths[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kl_bound_rises_to_the_teachers_kl_only():
+    from cfdpo.validation import kl_bound
+
+    assert kl_bound(0.1, None) == 0.1
+    assert kl_bound(0.1, 0.156) == 0.156
+    assert kl_bound(0.1, 0.02) == 0.1
+
+
+def test_the_guard_is_the_teachers_kl_on_the_base_answers(tiny_model, tmp_path, monkeypatch):
+    """teacher_kl = NLL of the base's KL answers under the teacher's conversations - under the control ones,
+    both with the base model; the published step is judged against max(max_kl, teacher_kl)."""
+    import cfdpo.train as T
+    from cfdpo.likelihood import mean_nll
+    from cfdpo.models import load_model, load_tokenizer
+    from cfdpo.spec import DPOSpec
+    from cfdpo.validation import ValidationCallback
+
+    sampled = []
+    answers = ValidationCallback._answers
+    monkeypatch.setattr(ValidationCallback, "_answers", lambda self, model, convs, params: (
+        out := answers(self, model, convs, params), params == self.plan.kl_params and sampled.append(out))[0])
+    base = plan(ScriptedScorer([0.0, 0.5, 0.9]))
+    teacher = [[{"role": "user", "content": "Answer like a pirate, arr. " + c[0]["content"]}] for c in base.kl_conversations]
+    validation = plan(ScriptedScorer([0.0, 0.5, 0.9]), max_kl=1e-9, teacher_conversations=teacher)
+    spec = DPOSpec(batch_size=2, epochs=1, max_length=64, lora_r=4, lora_alpha=8, save_steps=50)
+    out = T.train_dpo(str(tiny_model), pairs(6), spec, tmp_path / "adapters" / "enc", validation=validation)
+    log = json.loads((out / "train_log.json").read_text())
+    tok, model = load_tokenizer(str(tiny_model)), load_model(str(tiny_model))
+    assert len(sampled) == 1  # the base samples its KL answers once
+    direct = mean_nll(model, tok, teacher, sampled[0], 4) - mean_nll(model, tok, base.kl_conversations, sampled[0], 4)
+    assert log["auto"]["teacher_kl"] == pytest.approx(direct, abs=1e-4) and abs(direct) > 1e-3
+    assert log["auto"]["kl_bound"] == pytest.approx(max(1e-9, direct), abs=1e-4)
+    no_teacher = T.train_dpo(str(tiny_model), pairs(6), spec, tmp_path / "adapters" / "dis",
+                             validation=plan(ScriptedScorer([0.0]), max_kl=0.05))
+    auto = json.loads((no_teacher / "train_log.json").read_text())["auto"]
+    assert auto["teacher_kl"] is None and auto["kl_bound"] == 0.05
+
+
+def test_only_adapters_that_learn_the_teachers_answers_get_the_teacher_guard():
+    from types import SimpleNamespace
+
+    from cfdpo.pipeline import validation_plan
+    from cfdpo.recipe import Recipe
+
+    recipe = Recipe.model_validate({
+        "behaviour": {"name": "x", "treatment": "Be brief.", "negative": "Ramble on.",
+                      "scorer": {"name": "length", "desired": "lower"}},
+        "prompts": {"source": "general", "train_size": 20, "eval_size": 10},
+        "variants": ["enc", "dis", "contrastive", "negation"], "dpo": {"auto": True}})
+    run = SimpleNamespace(recipe=recipe, validation_prompts=lambda: [{"id": "a", "prompt": "Hi?"}])
+    teacher = {v: validation_plan(run, v).teacher_conversations for v in recipe.variants}
+    assert teacher["enc"] == teacher["contrastive"] == [[{"role": "user", "content": "Be brief.\n\nHi?"}]]
+    assert teacher["dis"] is None and teacher["negation"] is None

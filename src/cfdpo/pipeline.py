@@ -353,7 +353,8 @@ def validation_plan(run: Run, variant: str):
     from cfdpo.variants import BY_NAME
 
     r = run.recipe
-    return plan_validation(r, run.validation_prompts(), BY_NAME[variant].prompt) if r.dpo.auto else None
+    spec = BY_NAME[variant]
+    return plan_validation(r, run.validation_prompts(), spec.prompt, teacher=spec.chosen == "treatment") if r.dpo.auto else None
 
 
 def evaluate(run: Run) -> dict:

@@ -282,7 +282,9 @@ class DPOSpec(_Strict):
         description="dpo.auto: capability guard, in nats per answer token: a step is published only if "
                     "KL(base || model) on a few answers the base sampled to validation prompts stays within it "
                     "(0.1 per token lets a style move a few tokens of an answer a lot, not every token a little); "
-                    "if none does, the step with the lowest KL. The steering baseline's grid is held to it too.")
+                    "if none does, the step with the lowest KL. For enc and contrastive (chosen = the teacher's "
+                    "answer) the guard rises to the prompted teacher's own KL on the same answers where that is "
+                    "larger. The steering baseline's grid is held to max_kl too.")
     rounds: int = Field(
         default=1, ge=1,
         description="Iterative on-policy rounds: after the first round (answers of the base model, pairs, adapter), "

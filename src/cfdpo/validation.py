@@ -9,8 +9,12 @@ validation curve, the best step published, and an early stop.
   with the recipe's scorer, and estimates KL(base || policy) in nats per answer token on a few
   answers the base model sampled to the validation prompts' control conversations (the base is the
   same model with the adapter disabled). Points are {step, score, kl}.
-- Selection: `select_best` takes the best-scoring trained step whose KL stays within `dpo.max_kl`
+- Selection: `select_best` takes the best-scoring trained step whose KL stays within the guard
   (ties: the earliest); when every trained step is over the guard, the one with the lowest KL.
+  The guard (`kl_bound`) is `dpo.max_kl`, raised to the prompted teacher's own KL where the adapter
+  learns the teacher's answers (enc, contrastive): the KL of the base given the treatment
+  instruction, on the same base answers. A style that changes every answer (brevity) costs KL on
+  any prompt; an adapter may cost what the instruction itself costs.
   The trainer publishes that step's adapter, not the last.
 - Early stop: `should_stop` once the selected step is `dpo.patience` evaluations old, and never
   before `dpo.min_steps`.
@@ -56,10 +60,12 @@ class ValidationPlan:
     eval_every: int
     patience: int
     max_kl: float
+    teacher_conversations: list | None = None  # the KL prompts under the treatment (enc, contrastive)
 
 
-def plan_validation(recipe, prompts: list[dict], condition: str) -> ValidationPlan:
-    """The plan for one adapter whose DPO prompt is `condition`, on the validation `prompts`."""
+def plan_validation(recipe, prompts: list[dict], condition: str, teacher: bool = False) -> ValidationPlan:
+    """The plan for one adapter whose DPO prompt is `condition`, on the validation `prompts`;
+    `teacher`: its chosen answers are the treatment's, so the guard may rise to the teacher's KL."""
     from cfdpo.scorers import make_scorer
 
     b, g, ev, dpo = recipe.behaviour, recipe.generation, recipe.evaluation, recipe.dpo
@@ -71,6 +77,8 @@ def plan_validation(recipe, prompts: list[dict], condition: str) -> ValidationPl
         kl_params=kl_sample_params(ev.max_new_tokens),
         batch_size=ev.batch_size, seed=g.seed, min_steps=dpo.min_steps, eval_every=dpo.eval_every,
         patience=dpo.patience, max_kl=dpo.max_kl,
+        teacher_conversations=[counterfactual.messages(p["prompt"], "treatment", b, p["id"], g.seed)
+                               for p in prompts[:KL_ANSWERS]] if teacher else None,
     )
 
 
@@ -81,6 +89,11 @@ def step_budget(epochs: float, examples: int, batch_size: int, grad_accum: int, 
     batches = math.ceil(examples / (batch_size * processes))
     per_epoch = max(math.ceil(batches / grad_accum), 1)
     return max(math.ceil(epochs * per_epoch), min_steps)
+
+
+def kl_bound(max_kl: float, teacher_kl: float | None) -> float:
+    """The KL guard: `max_kl`, or the teacher's own KL where that is larger (None: no teacher)."""
+    return max_kl if teacher_kl is None else max(max_kl, teacher_kl)
 
 
 def _better(score: float, than: float, desired: str) -> bool:
@@ -126,7 +139,12 @@ class ValidationCallback(TrainerCallback):
         self.curve: list[dict] = []
         self.kl_answers: list[str] | None = None
         self.base_nll: float | None = None
+        self.teacher_kl: float | None = None
         self.stopped_early = False
+
+    @property
+    def bound(self) -> float:
+        return kl_bound(self.plan.max_kl, self.teacher_kl)
 
     # state on disk ------------------------------------------------------------------------
     def _load(self) -> None:
@@ -140,11 +158,13 @@ class ValidationCallback(TrainerCallback):
         if (self.state_dir / "state.json").is_file():
             state = read_json(self.state_dir / "state.json")
             self.curve, self.kl_answers, self.base_nll = state["curve"], state["kl_answers"], state["base_nll"]
+            self.teacher_kl = state.get("teacher_kl")
 
     def _write_state(self) -> None:
         if dist.is_main():
             write_json(self.state_dir / "state.json",
-                       {"curve": self.curve, "kl_answers": self.kl_answers, "base_nll": self.base_nll})
+                       {"curve": self.curve, "kl_answers": self.kl_answers, "base_nll": self.base_nll,
+                        "teacher_kl": self.teacher_kl})
 
     def _save_best(self, model) -> None:
         from peft import get_peft_model_state_dict
@@ -159,7 +179,7 @@ class ValidationCallback(TrainerCallback):
         from safetensors.torch import load_file
 
         path = self.state_dir / "best.safetensors"
-        if select_best(self.curve, self.plan.max_kl, self.plan.desired) is None or not path.is_file():
+        if select_best(self.curve, self.bound, self.plan.desired) is None or not path.is_file():
             return None
         return load_file(str(path))
 
@@ -177,10 +197,12 @@ class ValidationCallback(TrainerCallback):
                          self.plan.batch_size, self.plan.seed, keep)
         return out
 
-    def _nll(self, model) -> float:
+    def _nll(self, model, conversations: list | None = None) -> float:
+        """Mean NLL per answer token of the base's KL answers under `conversations` (default: the control ones)."""
         from cfdpo.likelihood import mean_nll
 
-        return mean_nll(model, self.tokenizer, self.plan.kl_conversations, self.kl_answers, self.plan.batch_size)
+        return mean_nll(model, self.tokenizer, conversations or self.plan.kl_conversations, self.kl_answers,
+                        self.plan.batch_size)
 
     def _measure(self, model, step: int) -> None:
         was_training = model.training
@@ -191,15 +213,17 @@ class ValidationCallback(TrainerCallback):
                     with model.disable_adapter():
                         self.kl_answers = self._answers(model, self.plan.kl_conversations, self.plan.kl_params)
                         self.base_nll = self._nll(model)
+                        if self.plan.teacher_conversations and self.kl_answers:
+                            self.teacher_kl = self._nll(model, self.plan.teacher_conversations) - self.base_nll
                 answers = self._answers(model, self.plan.conversations, self.plan.answer_params)
                 kl = self._nll(model) - self.base_nll if self.kl_answers else 0.0
         finally:
             model.train(was_training)
         scores = self.plan.scorer.score_many(answers)
         point = {"step": step, "score": sum(scores) / len(scores), "kl": 0.0 if math.isnan(kl) else kl}
-        before = select_best(self.curve, self.plan.max_kl, self.plan.desired)
+        before = select_best(self.curve, self.bound, self.plan.desired)
         self.curve.append(point)
-        if select_best(self.curve, self.plan.max_kl, self.plan.desired) is not before:
+        if select_best(self.curve, self.bound, self.plan.desired) is not before:
             self._save_best(model)
         self._write_state()
 
@@ -215,7 +239,7 @@ class ValidationCallback(TrainerCallback):
             return
         self._measure(model, step)
         if step >= self.plan.min_steps and step < state.max_steps and should_stop(
-                self.curve, self.plan.patience, self.plan.max_kl, self.plan.desired):
+                self.curve, self.plan.patience, self.bound, self.plan.desired):
             control.should_training_stop = True
             self.stopped_early = True
 
@@ -227,12 +251,13 @@ class ValidationCallback(TrainerCallback):
 
     def log(self, max_steps: int) -> dict:
         """What train_log.json records: the curve, the published step and the settings behind them."""
-        best = select_best(self.curve, self.plan.max_kl, self.plan.desired)
+        best = select_best(self.curve, self.bound, self.plan.desired)
         return {
             "validation": self.curve,
             "best_step": best["step"] if best else None,
             "auto": {"max_steps": max_steps, "min_steps": self.plan.min_steps, "eval_every": self.plan.eval_every,
-                     "patience": self.plan.patience, "max_kl": self.plan.max_kl, "condition": self.plan.condition,
+                     "patience": self.plan.patience, "max_kl": self.plan.max_kl, "teacher_kl": self.teacher_kl,
+                     "kl_bound": self.bound, "condition": self.plan.condition,
                      "validation_prompts": len(self.plan.conversations), "stopped_early": self.stopped_early},
         }
 
@@ -269,6 +294,9 @@ def plot_validation(run_dir: str | Path) -> list[Path]:
         kl_ax = ax.twinx()
         kl_ax.plot(steps, [p["kl"] for p in curve], "s--", color="#888", label="KL")
         kl_ax.set_ylabel("KL(base || model), nats/token")
+        bound = log.get("auto", {}).get("kl_bound")
+        if bound is not None:
+            kl_ax.axhline(bound, color="#c44", lw=0.8, ls="--", label=f"KL guard ({bound:.3g})")
         if log.get("best_step") is not None:
             ax.axvline(log["best_step"], color="k", lw=0.8, ls=":", label=f"published (step {log['best_step']})")
         ax.set_title(f"{name}: validation during training")
