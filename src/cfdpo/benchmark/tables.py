@@ -151,7 +151,8 @@ def render_results(results: dict, plan: Plan, plots: list[Path]) -> str:
         "are the same for every seed. Every figure is mean ± sample std over the seeds, on held-out prompts only. "
         "Evaluation decoding is greedy, so `base` and `prompted` do not vary across seeds.", "",
         "Models: `base` the model as it is; `prompted` the base model given the treatment instruction at inference "
-        "(the teacher; for pirate under the negative prompt it gets both instructions); `sft` context-distillation "
+        "(the teacher; for pirate under the negative prompt it gets both instructions; for a recipe with only a negative "
+        "instruction, the prompt without it); `sft` context-distillation "
         f"baseline (SFT on the same pairs' prompt → chosen answer, same LoRA budget); {'/'.join(f'`{v}`' for v in NAMES)} "
         "the counterfactual DPO variants; `multi` one adapter trained on two behaviours' pairs. "
         "`nll_ratio`: per-token NLL of the base model's sampled answers to the KL prompts under the model ÷ base's own. "
