@@ -89,9 +89,9 @@ class Check(_Strict):
             return {"value": f"{value:.{d}f}", "met": value >= t, "gap": f"{t - value:+.{d}f}"}
         if self.compare == "way_to":
             seen = f"{value:.{d}f} from {self.start} {start:.{d}f} toward {name} {ref:.{d}f}"
-            if ref == start:  # no way to go: reported, never met
+            way = self.measure(value, ref, start)
+            if way is None:  # no way to go: reported, never met
                 return {"value": f"{seen} (no gap to close)", "met": False, "gap": ""}
-            way = 100 * (value - start) / (ref - start)
             return {"value": f"{seen} ({way:.0f}% of the way)", "met": way >= t, "gap": f"{t - way:+.0f} points"}
         if self.compare == "points_from":
             diff = 100 * (value - ref)
@@ -157,18 +157,14 @@ def target_rows(results: dict, targets: Targets) -> list[dict]:
                 for model in models:
                     for check in rule.checks:
                         path = check.metric.split(".")
-                        value = mean_std(metric_values(runs, model, *path))[0]
-                        ref, start = (mean_std(metric_values(runs, other, *path))[0] if other else None
-                                      for other in (check.reference, check.start))
+                        values, refs, starts = (metric_values(runs, m, *path) if m else [None] * len(runs)
+                                                for m in (model, check.reference, check.start))
+                        value, ref, start = (mean_std(v)[0] for v in (values, refs, starts))
                         if value is None or (check.reference and ref is None) or (check.start and start is None):
                             continue
-                        label = check.label.format(recipe=recipe, config=config, model=model)
-                        per_seed = [check.measure(*seed) for seed in zip(
-                            metric_values(runs, model, *path),
-                            *(metric_values(runs, other, *path) if other else [None] * len(runs)
-                              for other in (check.reference, check.start)))
-                            if seed[0] is not None]
-                        rows.append({"target": label, **check.judge(value, ref, start),
+                        per_seed = [check.measure(v, r, s) for v, r, s in zip(values, refs, starts) if v is not None]
+                        rows.append({"target": check.label.format(recipe=recipe, config=config, model=model),
+                                     **check.judge(value, ref, start),
                                      "interval": seed_interval([x for x in per_seed if x is not None])})
     return rows
 
