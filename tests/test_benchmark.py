@@ -226,7 +226,6 @@ def test_plan_takes_the_repo_targets_from_its_root_and_none_elsewhere(tmp_path, 
     assert plan().targets.source == str(Path("bench") / "targets.yaml") and plan().targets.targets
     monkeypatch.chdir(tmp_path)
     assert plan().targets.targets == []
-
     assert plan(REPO_TARGETS).targets.source == str(REPO_TARGETS)
     with pytest.raises(CfdpoError, match="nope.yaml: targets file not found"):
         plan(tmp_path / "nope.yaml")
