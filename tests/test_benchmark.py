@@ -120,26 +120,26 @@ def _fake_results() -> dict:
                 "metrics": {"behaviour": {"name": recipe, "scorer": "lexicon", "desired": "lower", "unit": "u"},
                             "conditions": conds, "models": models}}
 
-    def m(neg, words, nll, acc):
+    def m(neg, words, nll, acc, kl=0.0):
         return {"control": {"score": 0.0, "mean_words": words}, "negative": {"score": neg, "mean_words": words},
-                "nll_ratio": nll, "mcq_accuracy": acc, "mcq_accuracy_norm": acc}
+                "nll_ratio": nll, "mcq_accuracy": acc, "mcq_accuracy_norm": acc, "capability": {"kl_per_token": kl}}
 
     return {"command": "cfdpo benchmark x", "seeds": 2, "runs": [
-        run("pirate", 0, {"base": m(2.0, 30, 1.0, 0.50), "prompted": m(1.0, 30, 1.1, 0.50), "negation": m(0.1, 30, 1.02, 0.49)}, ["control", "negative"]),
-        run("pirate", 1, {"base": m(2.0, 30, 1.0, 0.50), "prompted": m(1.0, 30, 1.1, 0.50), "negation": m(0.3, 30, 1.08, 0.45)}, ["control", "negative"]),
+        run("pirate", 0, {"base": m(2.0, 30, 1.0, 0.50), "prompted": m(1.0, 30, 1.1, 0.50), "negation": m(0.1, 30, 1.02, 0.49, 0.04)}, ["control", "negative"]),
+        run("pirate", 1, {"base": m(2.0, 30, 1.0, 0.50), "prompted": m(1.0, 30, 1.1, 0.50), "negation": m(0.3, 30, 1.08, 0.45, 0.18)}, ["control", "negative"]),
     ]}
 
 
 def test_targets_say_met_or_missed_and_by_how_much():
     rows = target_rows(_fake_results(), load_targets(REPO_TARGETS))
     assert [x["target"] for x in rows][:3] == ["pirate negation: score under the negative instruction ≤ 10% of base's",
-                                               "pirate/plain/negation: nll_ratio ≤ 1.05",
+                                               "pirate/plain/negation: KL(base ‖ model) per answer token ≤ 0.1",
                                                "pirate/plain/negation: MCQ accuracy within 2 points of base"]
     t = {x["target"]: x for x in rows}
     neg = t["pirate negation: score under the negative instruction ≤ 10% of base's"]
     assert neg["met"] is True and "10% of base" in neg["value"]  # mean 0.2 vs 2.0
-    nll = t["pirate/plain/negation: nll_ratio ≤ 1.05"]
-    assert nll["met"] is True and nll["value"] == "1.050"
+    kl = t["pirate/plain/negation: KL(base ‖ model) per answer token ≤ 0.1"]
+    assert kl["met"] is False and kl["value"] == "0.110"  # mean of 0.04 and 0.18
     acc = t["pirate/plain/negation: MCQ accuracy within 2 points of base"]
     assert acc["met"] is False and "(-3.0)" in acc["value"] and acc["gap"] == "+1.0 points"
 
@@ -153,7 +153,7 @@ def test_render_results_has_command_sizes_and_mean_std(tmp_path):
     text = render_results(res, Plan({}, 2, tmp_path, tmp_path, targets=load_targets(REPO_TARGETS)), [])
     assert "Model: SmolLM2-135M-Instruct (the embedded default), CPU. 2 seeds" in text
     assert f"Rules from `{REPO_TARGETS}`; met" in text
-    assert "| pirate/plain/negation: nll_ratio ≤ 1.05 | 1.050 | [0.669, 1.43] (2 seeds) | yes |" in text
+    assert "| pirate/plain/negation: KL(base ‖ model) per answer token ≤ 0.1 | 0.110 | [-0.779, 0.999] (2 seeds) | **no** |" in text
 
 
 def test_target_rules_judge_every_comparison():
@@ -339,3 +339,18 @@ def test_scorecard_table_over_seeds():
     assert table[3] == "| `negation` | 0.000 ± 0.000 | 1.000 ± 0.000 | 0.300 ± 0.141 | 0.250 ± 0.000 | 0.550 ± 0.071 | 0.050 ± 0.000 | 0.000 ± 0.000 |"
     old = [{**r, "metrics": {"models": {"base": {"control": {"score": 0.0}}}}} for r in runs]
     assert scorecard_table({"runs": old}, "x") == []  # results from before the scorecard: no table
+
+
+def test_plan_picks_default_given_or_none():
+    from cfdpo.benchmark.plan import Sizes, make_plan
+    from cfdpo.cli import recipe_path
+
+    def plan(pq, multi):
+        return make_plan([recipe_path("pirate"), recipe_path("concise")], 1, Path("out"), Path("docs"), Sizes(),
+                         pq, multi, "", None)
+
+    p = plan(None, None)
+    assert p.pair_quality == [("pirate", "negation"), ("concise", "enc")] and len(p.multi) == 2
+    p = plan(["none"], ["none"])
+    assert p.pair_quality == [] and p.multi == []
+    assert plan(["concise:enc"], ["none"]).pair_quality == [("concise", "enc")]

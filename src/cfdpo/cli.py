@@ -247,8 +247,8 @@ def benchmark(
     eval_size: Optional[int] = typer.Option(None, help="override every recipe's prompts.eval_size"),
     samples: Optional[int] = typer.Option(None, help="samples per condition (k of best-of-k) for the pair-quality recipes"),
     mcq_items: Optional[int] = typer.Option(None, help="multiple-choice items (default: the recipe's, 179)"),
-    pair_quality: Optional[list[str]] = typer.Option(None, help="RECIPE:VARIANT to compare plain / filtered / best-of-k pairs on (default pirate:negation, concise:enc)"),
-    multi: Optional[list[str]] = typer.Option(None, help="RECIPE:VARIANT picks whose pairs train one adapter (default pirate:negation, concise:enc)"),
+    pair_quality: Optional[list[str]] = typer.Option(None, help="RECIPE:VARIANT to compare plain / filtered / best-of-k pairs on (default pirate:negation, concise:enc; none: no such runs)"),
+    multi: Optional[list[str]] = typer.Option(None, help="RECIPE:VARIANT picks whose pairs train one adapter (default pirate:negation, concise:enc; none: no such run)"),
     targets: Optional[Path] = typer.Option(None, help="target rules (YAML) for RESULTS.md's Targets table, format in src/cfdpo/benchmark/targets.py "
                                                       "(default: ./bench/targets.yaml when it exists, as in the cfdpo repository; else none)"),
 ):

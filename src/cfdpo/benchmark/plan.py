@@ -73,6 +73,13 @@ def default_picks(names: list[str]) -> tuple[list[str], list[str]]:
     return pq, multi
 
 
+def picks(given: list[str] | None, default: list[str]) -> list[str]:
+    """The picks given on the command line; none given: the default; `none`: no such runs."""
+    if given is None:
+        return default
+    return [] if given == ["none"] else given
+
+
 def make_plan(recipe_paths: list[Path], seeds: int, out: Path, docs: Path, sizes: Sizes,
               pair_quality: list[str] | None, multi: list[str] | None, command: str,
               targets: Path | None = None) -> Plan:
@@ -88,8 +95,8 @@ def make_plan(recipe_paths: list[Path], seeds: int, out: Path, docs: Path, sizes
         recipes[r.behaviour.name] = r
         paths[r.behaviour.name] = p
     dpq, dmulti = default_picks(list(recipes))
-    pq = [parse_pick(v, recipes, "--pair-quality") for v in (dpq if pair_quality is None else pair_quality)]
-    mu = [parse_pick(v, recipes, "--multi") for v in (dmulti if multi is None else multi)]
+    pq = [parse_pick(v, recipes, "--pair-quality") for v in picks(pair_quality, dpq)]
+    mu = [parse_pick(v, recipes, "--multi") for v in picks(multi, dmulti)]
     if len(mu) == 1:
         raise CfdpoError("--multi: give two or more RECIPE:VARIANT picks")
     if targets is None and REPO_TARGETS.is_file():
