@@ -345,12 +345,69 @@ def test_plan_picks_default_given_or_none():
     from cfdpo.benchmark.plan import Sizes, make_plan
     from cfdpo.cli import recipe_path
 
-    def plan(pq, multi):
+    def plan(pq, multi, methods=None):
         return make_plan([recipe_path("pirate"), recipe_path("concise")], 1, Path("out"), Path("docs"), Sizes(),
-                         pq, multi, "", None)
+                         pq, multi, "", None, methods)
 
     p = plan(None, None)
     assert p.pair_quality == [("pirate", "negation"), ("concise", "enc")] and len(p.multi) == 2
     p = plan(["none"], ["none"])
     assert p.pair_quality == [] and p.multi == []
     assert plan(["concise:enc"], ["none"]).pair_quality == [("concise", "enc")]
+    assert p.methods == [] and plan(None, None, ["pirate:dis"]).methods == [("pirate", "dis")]
+    with pytest.raises(CfdpoError, match="--methods: one RECIPE:VARIANT per recipe"):
+        plan(None, None, ["pirate:dis", "pirate:negation"])
+    with pytest.raises(CfdpoError, match="--methods 'pirate:enc': expected RECIPE:VARIANT with a variant of pirate"):
+        plan(None, None, ["pirate:enc"])
+
+
+@pytest.mark.slow
+def test_benchmark_methods_run_steering_self_reward_pairs_and_rounds_beside_plain_dpo(tiny_model, tmp_path):
+    from cfdpo.cli import main
+
+    pirate = tiny_recipe(tiny_model, variants=["negation"],
+                         prompts={"source": "general", "train_size": 6, "eval_size": 2, "seed": 1, "validation_size": 2},
+                         generation={"samples": 1, "max_new_tokens": 6, "temperature": 0.8, "batch_size": 8},
+                         evaluation={"max_new_tokens": 6, "batch_size": 8, "samples": 1, "mcq_items": 3, "kl_prompts": 2})
+    pirate["behaviour"]["scorer"] = {"name": "length", "desired": "lower"}
+    recipe = write_recipe(tmp_path / "pirate.yaml", pirate)
+    out, docs = tmp_path / "bench", tmp_path / "docs"
+    assert main(["benchmark", str(recipe), "--seeds", "1", "--out", str(out), "--docs", str(docs),
+                 "--pair-quality", "none", "--multi", "none", "--methods", "pirate:negation"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    ran = {r["config"]: r for r in res["runs"]}
+    skipped = {sk["config"] for sk in res.get("skipped", [])}
+    assert set(ran) | skipped == {"plain", "self", "rounds"} and "plain" in ran and "rounds" in ran
+    assert set(ran["plain"]["metrics"]["models"]) == {"base", "prompted", "steering", "sft", "negation"}
+    assert ran["plain"]["recipe_data"]["evaluation"]["baselines"] == ["steering"]
+    assert ran["rounds"]["recipe_data"]["dpo"]["rounds"] == 3 and "steering" not in ran["rounds"]["metrics"]["models"]
+    kept = ran["rounds"]["rounds"]["negation"]["kept"]
+    assert 1 <= kept <= 3 and (out / "pirate" / "seed0-rounds" / "rounds" / "1" / "adapters" / "negation").is_dir()
+    if "self" in ran:
+        assert ran["self"]["recipe_data"]["pairs"]["score"] == "self" and ran["self"]["recipe_data"]["pairs"]["filter"]
+    text = (docs / "RESULTS.md").read_text()
+    table = text.split("## Methods side by side")[1].split("\n## ")[0]
+    rows = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines() if line.startswith("| `")]
+    assert rows[:5] == ["`base`", "`prompted`", "`sft`", "`steering`", "`negation`, plain pairs"]
+    assert f"`negation`, on-policy rounds (kept round per seed: {kept})" in rows
+    assert ("`negation`, self-reward pairs" in rows) == ("self" in ran)
+    assert (docs / "benchmark_tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tradeoff_points_put_every_model_and_each_configs_variant_at_their_kl_and_trained_instruction_score():
+    from cfdpo.benchmark.plots import points
+
+    def model(score, kl):
+        return {"groups": {"instruction_of": "negative"}, "capability": {"kl_per_token": kl},
+                "conditions": {"control": {"score": 9.0}, "negative": {"score": score}}}
+
+    def run(config, seed, models):
+        return {"recipe": "pirate", "config": config, "seed": seed, "metrics": {"models": models}}
+
+    res = {"runs": [run("plain", 0, {"base": model(2.0, 0.0), "negation": model(0.2, 0.04)}),
+                    run("plain", 1, {"base": model(2.0, 0.0), "negation": model(0.4, 0.08)}),
+                    run("rounds", 0, {"base": model(2.0, 0.0), "negation": model(0.1, 0.3)})]}
+    got = {label: (kl, score) for label, kl, score in points(res, "pirate")}
+    assert set(got) == {"base", "negation", "negation/rounds"}
+    assert got["negation"][0][0] == pytest.approx(0.06) and got["negation"][1][0] == pytest.approx(0.3)
+    assert got["negation/rounds"] == ((0.3, 0.0), (0.1, 0.0)) and got["base"][1] == (2.0, 0.0)

@@ -249,10 +249,12 @@ def benchmark(
     mcq_items: Optional[int] = typer.Option(None, help="multiple-choice items (default: the recipe's, 179)"),
     pair_quality: Optional[list[str]] = typer.Option(None, help="RECIPE:VARIANT to compare plain / filtered / best-of-k pairs on (default pirate:negation, concise:enc; none: no such runs)"),
     multi: Optional[list[str]] = typer.Option(None, help="RECIPE:VARIANT picks whose pairs train one adapter (default pirate:negation, concise:enc; none: no such run)"),
+    methods: Optional[list[str]] = typer.Option(None, help="RECIPE:VARIANT to compare methods on: the steering baseline, "
+                                                           "self-reward pairs and 3 on-policy rounds beside plain DPO (default: none)"),
     targets: Optional[Path] = typer.Option(None, help="target rules (YAML) for RESULTS.md's Targets table, format in src/cfdpo/benchmark/targets.py "
                                                       "(default: ./bench/targets.yaml when it exists, as in the cfdpo repository; else none)"),
 ):
-    """Run every recipe for several seeds (+ pair-quality and multi-behaviour runs) and write docs/RESULTS.md."""
+    """Run every recipe for several seeds (+ pair-quality, method and multi-behaviour runs) and write docs/RESULTS.md."""
     import shlex
 
     from cfdpo.benchmark.plan import Sizes, make_plan
@@ -262,7 +264,7 @@ def benchmark(
 
     command = "cfdpo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] else ""
     plan = make_plan([recipe_path(r) for r in recipes], seeds, out, docs, Sizes(train_size, eval_size, samples, mcq_items),
-                     pair_quality, multi, command, targets)
+                     pair_quality, multi, command, targets, methods)
     out.mkdir(parents=True, exist_ok=True)
     with on_main(lambda: hold(out)):  # one benchmark per --out
         run_benchmark(plan)

@@ -6,8 +6,13 @@ from __future__ import annotations
 import math
 
 UNTRAINED = ("base", "prompted")  # the models every run has besides its adapters: the references
-# The pair configs a recipe can run with (its `pairs` overrides), in the order RESULTS.md lists them.
-PAIR_CONFIGS = {"plain": {}, "filter": {"filter": True}, "bestofk": {"best_of_k": True}}
+# The configs a recipe can run with (overrides of its sections), in the order RESULTS.md lists them:
+# the plain recipe; pair quality (scorer-filtered pairs, best-of-k); methods beyond the paper (pairs
+# filtered by the base model's own margin under the contrasting instructions, iterative on-policy rounds).
+CONFIGS = {"plain": {}, "filter": {"pairs": {"filter": True}}, "bestofk": {"pairs": {"best_of_k": True}},
+           "self": {"pairs": {"score": "self", "filter": True}}, "rounds": {"dpo": {"rounds": 3}}}
+PAIR_QUALITY = ("filter", "bestofk")
+METHODS = ("self", "rounds")
 
 
 def runs_of(results: dict, recipe: str, config: str) -> list[dict]:

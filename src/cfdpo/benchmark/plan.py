@@ -1,5 +1,5 @@
-"""What a benchmark runs: the recipes, seeds, sizes, pair-quality and multi-behaviour picks, the
-target rules, and the recipe each run is made with."""
+"""What a benchmark runs: the recipes, seeds, sizes, pair-quality, method and multi-behaviour picks,
+the target rules, and the recipe each run is made with."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ class Plan:
     multi: list[tuple[str, str]] = field(default_factory=list)
     command: str = ""
     targets: Targets = field(default_factory=Targets)
+    methods: list[tuple[str, str]] = field(default_factory=list)  # (recipe name, variant): steering, self, rounds
 
 
 def parse_pick(value: str, recipes: dict[str, Recipe], what: str) -> tuple[str, str]:
@@ -45,9 +46,10 @@ def parse_pick(value: str, recipes: dict[str, Recipe], what: str) -> tuple[str, 
     return name, variant
 
 
-def derive(recipe: Recipe, seed: int, sizes: Sizes, pair_quality: bool, pairs: dict | None = None,
-           variants: list[str] | None = None) -> dict:
-    """The recipe as the benchmark runs it for one seed (a plain dict, ready for YAML)."""
+def derive(recipe: Recipe, seed: int, sizes: Sizes, pair_quality: bool, overrides: dict | None = None,
+           variants: list[str] | None = None, steering: bool = False) -> dict:
+    """The recipe as the benchmark runs it for one seed (a plain dict, ready for YAML): `overrides` are a
+    config's section updates ({"pairs": {...}, "dpo": {...}}); `steering` adds the steering baseline."""
     d = recipe.model_dump(mode="json")
     d["generation"]["seed"] = seed
     d["dpo"]["seed"] = seed
@@ -60,8 +62,10 @@ def derive(recipe: Recipe, seed: int, sizes: Sizes, pair_quality: bool, pairs: d
         d["prompts"]["eval_size"] = sizes.eval_size
     if pair_quality and sizes.samples:
         d["generation"]["samples"] = sizes.samples
-    if pairs:
-        d["pairs"].update(pairs)
+    for section, values in (overrides or {}).items():
+        d[section].update(values)
+    if steering and "steering" not in d["evaluation"]["baselines"]:
+        d["evaluation"]["baselines"] = [*d["evaluation"]["baselines"], "steering"]
     if variants:
         d["variants"] = variants
     return d
@@ -82,7 +86,7 @@ def picks(given: list[str] | None, default: list[str]) -> list[str]:
 
 def make_plan(recipe_paths: list[Path], seeds: int, out: Path, docs: Path, sizes: Sizes,
               pair_quality: list[str] | None, multi: list[str] | None, command: str,
-              targets: Path | None = None) -> Plan:
+              targets: Path | None = None, methods: list[str] | None = None) -> Plan:
     """`targets` None: the repository's bench/targets.yaml when the current directory has one, else no targets."""
     if seeds < 1:
         raise CfdpoError("--seeds: expected 1 or more")
@@ -97,9 +101,13 @@ def make_plan(recipe_paths: list[Path], seeds: int, out: Path, docs: Path, sizes
     dpq, dmulti = default_picks(list(recipes))
     pq = [parse_pick(v, recipes, "--pair-quality") for v in picks(pair_quality, dpq)]
     mu = [parse_pick(v, recipes, "--multi") for v in picks(multi, dmulti)]
+    me = [parse_pick(v, recipes, "--methods") for v in picks(methods, [])]
+    for what, chosen in (("--pair-quality", pq), ("--methods", me)):
+        if len({n for n, _ in chosen}) < len(chosen):
+            raise CfdpoError(f"{what}: one RECIPE:VARIANT per recipe")
     if len(mu) == 1:
         raise CfdpoError("--multi: give two or more RECIPE:VARIANT picks")
     if targets is None and REPO_TARGETS.is_file():
         targets = REPO_TARGETS
     rules = load_targets(targets) if targets is not None else Targets()
-    return Plan(paths, seeds, out, docs, sizes, pq, mu, command, rules)
+    return Plan(paths, seeds, out, docs, sizes, pq, mu, command, rules, me)

@@ -5,6 +5,8 @@
       <name>/seed<s>/            the plain run (all variants + the SFT baseline); adapters/multi added later
       <name>/seed<s>-filter/     scorer-filtered pairs (pair-quality recipes, one variant)
       <name>/seed<s>-bestofk/    best-of-k pairs
+      <name>/seed<s>-self/       pairs filtered by the base model's own margin (`pairs.score: self`; method recipes)
+      <name>/seed<s>-rounds/     iterative on-policy rounds (`dpo.rounds: 3`; method recipes)
       multi/seed<s>/             union of two recipes' pairs and the adapter trained on it
       results.json               every run's metrics, sizes and wall time; the runs skipped and why
 
@@ -12,7 +14,9 @@ Seeds vary generation sampling and training (`generation.seed`, `dpo.seed`); `pr
 kept, so every seed is evaluated on the same held-out prompts. Evaluation is greedy, so the base
 and prompted answers (and their multiple-choice scores) are the same for every seed and are
 copied between runs instead of recomputed; the filter / best-of-k runs reuse the plain run's
-training answers, so they differ only in which pairs are kept.
+training answers, so they differ only in which pairs are kept. A method recipe's plain run also
+evaluates the steering baseline (`evaluation.baselines: [steering]`), and its self / rounds runs
+start from the plain run's answers the same way.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from cfdpo.benchmark.aggregate import PAIR_CONFIGS, UNTRAINED
+from cfdpo.benchmark.aggregate import CONFIGS, METHODS, PAIR_QUALITY, UNTRAINED
 from cfdpo.benchmark.plan import Plan, derive
 from cfdpo.benchmark.tables import write_results
 from cfdpo.errors import CfdpoError
@@ -68,6 +72,8 @@ class ResultsStore:
             "recipe_data": run.recipe.model_dump(mode="json"), "metrics": read_json(run.dir / "metrics.json"),
             "pairs": {v: read_json(run.dir / "pairs" / v / "stats.json") for v in run.recipe.variants
                       if (run.dir / "pairs" / v / "stats.json").is_file()},
+            **({"rounds": read_json(run.dir / "rounds" / "summary.json")}
+               if (run.dir / "rounds" / "summary.json").is_file() else {}),
         })
         self.save()
 
@@ -126,7 +132,11 @@ def run_benchmark(plan: Plan) -> dict:
     from cfdpo import pipeline
 
     recipes = {name: load_recipe(p) for name, p in plan.recipes.items()}
-    pq = dict(plan.pair_quality)
+    extra = {name: {c: v for c in PAIR_QUALITY} for name, v in plan.pair_quality}  # recipe -> config -> variant
+    for name, v in plan.methods:
+        extra.setdefault(name, {}).update({c: v for c in METHODS})
+    steered = {name for name, _ in plan.methods}
+    sampled = {name for name, _ in plan.pair_quality}  # their plain runs answer with --samples (best-of-k's k)
     store = ResultsStore(plan.out / "results.json", plan.command, plan.seeds,
                          on_save=lambda results: write_results(results, plan))  # RESULTS.md after every run
     t_all = time.perf_counter()
@@ -136,13 +146,14 @@ def run_benchmark(plan: Plan) -> dict:
         multi_done = False
         for name, recipe in recipes.items():
             t0 = time.perf_counter()
-            data = derive(recipe, seed, plan.sizes, name in pq)
+            data = derive(recipe, seed, plan.sizes, name in sampled, steering=name in steered)
             run_dir = plan.out / name / f"seed{seed}"
             if seed > 0:
                 _copy_eval_cache(plan.out / name / "seed0", run_dir)
             run = _open(plan, data, f"{name}-seed{seed}", run_dir)
             sft = any(v in run.recipe.variants for v in SFT_SOURCES)
-            old = store.finished(name, "plain", seed, run_dir, set(run.recipe.variants) | ({"sft"} if sft else set()))
+            expected = set(run.recipe.variants) | ({"sft"} if sft else set()) | set(run.recipe.evaluation.baselines)
+            old = store.finished(name, "plain", seed, run_dir, expected)
             if old is None:
                 _log(f"{name} seed {seed}: plain run{' + SFT' if sft else ''}")
                 try:
@@ -153,22 +164,20 @@ def run_benchmark(plan: Plan) -> dict:
                     continue
             plain_runs[name] = run
             store.record(name, "plain", seed, run, time.perf_counter() - t0 + (old or 0.0))
-            for config in ("filter", "bestofk"):
-                if name not in pq:
-                    continue
+            for config, variant in extra.get(name, {}).items():
                 t0 = time.perf_counter()
                 qdir = plan.out / name / f"seed{seed}-{config}"
                 qdir.mkdir(parents=True, exist_ok=True)
                 if not (qdir / "answers.jsonl").exists():
                     shutil.copyfile(run_dir / "answers.jsonl", qdir / "answers.jsonl")
                 _copy_eval_cache(run_dir, qdir)
-                qdata = derive(recipe, seed, plan.sizes, True, PAIR_CONFIGS[config], [pq[name]])
+                qdata = derive(recipe, seed, plan.sizes, name in sampled, CONFIGS[config], [variant])
                 qrun = _open(plan, qdata, f"{name}-seed{seed}-{config}", qdir)
-                old = store.finished(name, config, seed, qdir, {pq[name]})
+                old = store.finished(name, config, seed, qdir, {variant})
                 if old is None:
-                    _log(f"{name} seed {seed}: {config} pairs, variant {pq[name]}")
+                    _log(f"{name} seed {seed}: {config}, variant {variant}")
                     pipeline.generate(qrun)  # nothing new: the plain run's answers are there
-                    kept = pipeline.build_pairs(qrun)[pq[name]]["count"]
+                    kept = pipeline.build_pairs(qrun)[variant]["count"]
                     if kept == 0:  # nothing to train on: say so in RESULTS.md instead of failing the benchmark
                         store.skip(name, config, seed, "no pairs kept")
                         continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cfdpo.benchmark.aggregate import PAIR_CONFIGS, mean_std, metric_values, percent, runs_of
+from cfdpo.benchmark.aggregate import PAIR_QUALITY, mean_std, metric_values, percent, runs_of
 from cfdpo.benchmark.plan import Plan
 from cfdpo.benchmark.plots import plot_results
 from cfdpo.benchmark.targets import Targets, target_rows
@@ -39,27 +39,64 @@ def recipe_table(results: dict, recipe: str, config: str = "plain") -> list[str]
     return md_table(head, rows)
 
 
+def scorecard_columns(first: dict) -> tuple[list[str], list[tuple[str, ...]]]:
+    """The scorecard's column names and metric paths, from one model's metrics: the control prompt, the
+    trained instruction, its held-out paraphrases and other placements, retention in each in-scope context,
+    KL per answer token and repeated answers."""
+    instruction = first["groups"]["instruction_of"]
+    in_scope = [c for c, v in first["conditions"].items() if v.get("kind") == "in_scope"]
+    head = ["control", f"{instruction} (trained wording)", "held-out paraphrases", "other placements",
+            *(f"retention: {c.split(':', 1)[1]}" for c in in_scope), "KL / answer token", "repeated answers"]
+    paths = [("conditions", "control", "score"), ("conditions", instruction, "score"),
+             ("groups", "paraphrase", "score"), ("groups", "placement", "score"),
+             *(("conditions", c, "retention", "ratio") for c in in_scope),
+             ("capability", "kl_per_token"), ("drift", "repeated_share")]
+    return head, paths
+
+
 def scorecard_table(results: dict, recipe: str, config: str = "plain") -> list[str]:
-    """The scorecard over seeds: the control prompt, the trained instruction, its held-out paraphrases and
-    other placements, retention in each in-scope context, KL per answer token and repeated answers."""
+    """The scorecard over seeds, one row per model of the recipe's runs in `config`."""
     runs = runs_of(results, recipe, config)
     models = runs[0]["metrics"]["models"] if runs else {}
     first = next(iter(models.values()), {})
     if "groups" not in first:  # results of a version without the scorecard
         return []
-    instruction = first["groups"]["instruction_of"]
-    in_scope = [c for c, v in first["conditions"].items() if v.get("kind") == "in_scope"]
-    head = ["model", "control", f"{instruction} (trained wording)", "held-out paraphrases", "other placements",
-            *(f"retention: {c.split(':', 1)[1]}" for c in in_scope), "KL / answer token", "repeated answers"]
-    rows = []
-    for name in models:
-        rows.append([f"`{name}`",
-                     *(fmt_ms(metric_values(runs, name, *path), 3) for path in (
-                         ("conditions", "control", "score"), ("conditions", instruction, "score"),
-                         ("groups", "paraphrase", "score"), ("groups", "placement", "score"),
-                         *(("conditions", c, "retention", "ratio") for c in in_scope),
-                         ("capability", "kl_per_token"), ("drift", "repeated_share")))])
-    return md_table(head, rows)
+    head, paths = scorecard_columns(first)
+    rows = [[f"`{name}`", *(fmt_ms(metric_values(runs, name, *path), 3) for path in paths)] for name in models]
+    return md_table(["model", *head], rows)
+
+
+def kept_rounds(runs: list[dict], variant: str) -> str:
+    """The round each seed's rounds kept, e.g. '2, 1, 3'."""
+    return ", ".join(str(r.get("rounds", {}).get(variant, {}).get("kept", "–")) for r in runs)
+
+
+def methods_lines(results: dict, picks: list[tuple[str, str]]) -> list[str]:
+    """Per method pick: every way to the behaviour side by side on the scorecard: the untrained references,
+    SFT and the steering baseline (from the plain runs), the variant on plain pairs, on self-reward-filtered
+    pairs and after on-policy rounds."""
+    lines = []
+    for name, variant in picks:
+        plain = runs_of(results, name, "plain")
+        if not plain or "groups" not in plain[0]["metrics"]["models"]["base"]:
+            continue
+        head, paths = scorecard_columns(plain[0]["metrics"]["models"]["base"])
+        rows = []
+        sources = [(m, "plain", f"`{m}`") for m in ("base", "prompted", "sft", "steering")]
+        sources += [(variant, "plain", f"`{variant}`, plain pairs"), (variant, "self", f"`{variant}`, self-reward pairs"),
+                    (variant, "rounds", f"`{variant}`, on-policy rounds (kept round per seed: {{kept}})")]
+        for model, config, label in sources:
+            runs = runs_of(results, name, config)
+            if not runs or model not in runs[0]["metrics"]["models"]:
+                continue
+            pairs = fmt_ms([r["pairs"].get(variant, {}).get("count") for r in runs], 1) if model == variant else ""
+            rows.append([label.format(kept=kept_rounds(runs, variant)), pairs,
+                         *(fmt_ms(metric_values(runs, model, *path), 3) for path in paths)])
+        lines += [f"**{name}: `{variant}`** ({len(plain)} seed{'s' * (len(plain) != 1)})", "",
+                  *md_table(["method", "pairs", *head], rows), ""]
+        lines += [f"`{sk['config']}` seed {sk['seed']}: not trained ({sk['why']}).\n"
+                  for sk in results.get("skipped", []) if sk["recipe"] == name and sk["config"] in ("self", "rounds")]
+    return lines
 
 
 def sizes_lines(results: dict) -> list[str]:
@@ -90,7 +127,7 @@ def pair_quality_lines(results: dict, picks: list[tuple[str, str]]) -> list[str]
         conds = plain[0]["metrics"]["conditions"]
         head = ["pairs", "kept pairs"] + [f"score ({c})" for c in conds] + [f"words ({c})" for c in conds] + ["nll_ratio", "MCQ acc"]
         rows = []
-        for config in PAIR_CONFIGS:
+        for config in ("plain", *PAIR_QUALITY):
             runs = runs_of(results, name, config)
             if not runs:
                 continue
@@ -175,6 +212,17 @@ def render_results(results: dict, plan: Plan, plots: list[Path]) -> str:
                   "Same training answers for all three; `filter` drops pairs whose chosen answer does not beat the "
                   "rejected one on the scorer, `bestofk` keeps per prompt the chosen/rejected samples with the largest gap.", "",
                   *pair_quality_lines(results, plan.pair_quality)]
+    if plan.methods:
+        lines += ["## Methods side by side: steering, self-reward pairs, on-policy rounds", "",
+                  "Every way to the behaviour on the same answers and the same scorecard (mean ± std over seeds): "
+                  "`steering` adds to one layer the mean difference of the activations of the desired and the "
+                  "undesired training answers (the base model, no training), with layer and strength chosen on the "
+                  "validation prompts within dpo.max_kl; `self-reward "
+                  "pairs` keeps the pairs whose chosen answer the base model itself finds more likely under the "
+                  "desired instruction than under the undesired one (`pairs.score: self`, `pairs.filter: true`); "
+                  "`on-policy rounds` regenerates the answers with the previous round's adapter, up to 3 rounds "
+                  "(`dpo.rounds: 3`), keeping the last round that improved.", "",
+                  *methods_lines(results, plan.methods)]
     if len(plan.multi) >= 2:
         lines += ["## Several behaviours in one adapter", "",
                   f"`multi`: one DPO adapter on the union of {' + '.join(f'{n} `{v}`' for n, v in plan.multi)} pairs "

@@ -5,7 +5,7 @@ A targets file (YAML; the repository's is bench/targets.yaml):
     setting: "Model: ..., CPU."      # optional: the sentence RESULTS.md states the setting in
     targets:
       - recipe: pirate               # a behaviour name, or "*" for every recipe
-        config: plain                # plain (default), filter, bestofk, or "*" for every one run
+        config: plain                # plain (default), filter, bestofk, self, rounds, or "*" for every one run
         model: negation              # a model of those runs, or "*" (default) for every trained one
         checks:
           - label: "{recipe}/{config}/{model}: nll_ratio ≤ 1.05"   # the row's name
@@ -35,7 +35,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cfdpo.benchmark.aggregate import PAIR_CONFIGS, UNTRAINED, mean_std, metric_values, runs_of, t_interval
+from cfdpo.benchmark.aggregate import CONFIGS, UNTRAINED, mean_std, metric_values, runs_of, t_interval
 from cfdpo.errors import CfdpoError
 
 EVERY = "*"
@@ -115,8 +115,8 @@ class Rule(_Strict):
 
     @model_validator(mode="after")
     def _known_config(self) -> Rule:
-        if self.config != EVERY and self.config not in PAIR_CONFIGS:
-            raise ValueError(f"config '{self.config}': expected one of {', '.join(PAIR_CONFIGS)} or '{EVERY}'")
+        if self.config != EVERY and self.config not in CONFIGS:
+            raise ValueError(f"config '{self.config}': expected one of {', '.join(CONFIGS)} or '{EVERY}'")
         return self
 
 
@@ -149,7 +149,7 @@ def target_rows(results: dict, targets: Targets) -> list[dict]:
     recipes = sorted({r["recipe"] for r in results["runs"]})
     for rule in targets.targets:
         for recipe in recipes if rule.recipe == EVERY else [rule.recipe]:
-            for config in PAIR_CONFIGS if rule.config == EVERY else [rule.config]:
+            for config in CONFIGS if rule.config == EVERY else [rule.config]:
                 runs = runs_of(results, recipe, config)
                 if not runs:
                     continue
