@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cfdpo.cli import main
 from cfdpo.errors import CfdpoError
-from cfdpo.recipe import load_recipe, parse_recipe
+from cfdpo.recipe import RETAIN_EPOCHS, load_recipe, parse_recipe
 from cfdpo.spec import DPOSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,13 +51,15 @@ def test_every_shipped_recipe_loads():
 
 
 def test_behaviour_recipes_measure_the_defaults_on_new_behaviours():
-    recipes = [load_recipe(p) for p in sorted((REPO / "recipes" / "behaviours").glob("*.yaml"))]
+    paths = sorted((REPO / "recipes" / "behaviours").glob("*.yaml"))
+    recipes = [load_recipe(p) for p in paths]
     names = {r.behaviour.name for r in recipes}
     assert len(recipes) == 6 and not names & {"pirate", "concise", "names", "bullets", "french", "great-question"}
     assert {v for r in recipes for v in r.variants} == {"enc", "dis", "contrastive", "negation"}
     assert {r.behaviour.scorer.name for r in recipes} >= {"lexicon", "regex", "length", "language"}
-    for r in recipes:
-        assert r.dpo == DPOSpec(), f"{r.behaviour.name}: the dpo section must stay at its defaults"
+    for path, r in zip(paths, recipes):
+        assert "dpo" not in yaml.safe_load(path.read_text()), f"{r.behaviour.name}: the dpo section must stay at its defaults"
+        assert r.dpo == (DPOSpec(epochs=RETAIN_EPOCHS) if r.pairs.retain else DPOSpec())
         assert r.prompts.source == "everyday" and r.evaluation.kl_source == "general"
         assert r.evaluation.negative_paraphrases or r.evaluation.treatment_paraphrases
 

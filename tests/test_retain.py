@@ -130,3 +130,11 @@ def test_bad_retain_recipes_get_one_line_errors(changes, message):
     with pytest.raises(CfdpoError, match=message) as err:
         parse_recipe(data, "r.yaml")
     assert str(err.value).startswith("r.yaml: ") and "\n" not in str(err.value)
+
+
+def test_retain_recipes_train_three_passes_unless_they_say_otherwise():
+    assert recipe().dpo.epochs == 1.0
+    scope_aware = recipe(pairs__retain=True)
+    assert scope_aware.dpo.epochs == 3.0
+    assert parse_recipe(scope_aware.to_data(), "again.yaml").dpo.epochs == 3.0  # the saved recipe keeps it
+    assert recipe(pairs__retain=True, dpo__epochs=1.5).dpo.epochs == 1.5

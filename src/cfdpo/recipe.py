@@ -34,6 +34,14 @@ from cfdpo.spec import (
 )
 
 
+# dpo.epochs when pairs.retain is on and the recipe does not set it: a retain pair mirrors a negation pair
+# (the same two answers, the instruction moved to the deployer's system prompt), so their gradients cancel
+# except where the two contexts differ, and the boundary needs more passes than plain pairs do. On the
+# no-spanish behaviour (3 seeds) one pass left the instruction followed as often as base's; three passes
+# ignored it from the user turn and kept the deployer's tutor (README, "Does it work on my behaviour?").
+RETAIN_EPOCHS = 3.0
+
+
 class Recipe(_Strict):
     model: str = Field(default="smollm2-135m", description="Model to align: a builtin alias (smollm2-135m, the "
                                                          "embedded default), a local checkpoint folder, a .gguf file "
@@ -81,6 +89,12 @@ class Recipe(_Strict):
         if self.behaviour.placement == "system":
             raise ValueError("pairs.retain needs behaviour.placement user_prefix or user_suffix (retain pairs give the "
                              "instruction as the deployer's system prompt, where negation pairs must not)")
+        return self
+
+    @model_validator(mode="after")
+    def _retain_trains_longer(self) -> Recipe:
+        if self.pairs.retain and "epochs" not in self.dpo.model_fields_set:
+            self.dpo = self.dpo.model_copy(update={"epochs": RETAIN_EPOCHS})
         return self
 
     def needed_conditions(self) -> list[str]:

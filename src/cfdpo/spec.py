@@ -228,7 +228,8 @@ class PairsSpec(_Strict):
         description="Scope-aware negation: add retain pairs to the negation pairs, where the deployer's system "
                     "prompt gives behaviour.negative (there the behaviour is legitimate): chosen = the negative "
                     "answer, rejected = the control answer, from the same answers (no extra generation). Needs the "
-                    "negation variant and behaviour.placement user_prefix or user_suffix. Default: off.")
+                    "negation variant and behaviour.placement user_prefix or user_suffix; dpo.epochs then defaults to 3. "
+                    "Default: off.")
 
     # Left out of the saved and hashed recipe while at its default, so recipes written before it
     # existed keep their digest, manifest hash and recipe.yaml.
@@ -241,7 +242,9 @@ class DPOSpec(_Strict):
     beta: float = Field(default=0.1, gt=0.0, description="DPO's beta: how far the trained model may move from the "
                                                          "reference; higher keeps it closer.")
     learning_rate: float = Field(default=5e-4, gt=0.0, lt=1.0, description="Initial learning rate of the AdamW optimizer.")
-    epochs: float = Field(default=1.0, gt=0.0, description="Passes over the pairs; may be fractional.")
+    epochs: float = Field(default=1.0, gt=0.0, description="Passes over the pairs; may be fractional. Default 1; "
+                                                          "3 with pairs.retain (mirrored pairs learn their "
+                                                          "boundary slowly).")
     batch_size: int = Field(default=4, ge=1, description="Pairs per process and step (4: twice the optimizer "
                                                          "steps of 8 at the same cost; on 32 pairs 8 steps moved "
                                                          "new behaviours where 4 steps barely did).")
