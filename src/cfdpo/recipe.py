@@ -33,7 +33,6 @@ from cfdpo.spec import (
     _Strict,
 )
 
-
 # dpo.epochs when pairs.retain is on and the recipe does not set it: a retain pair mirrors a negation pair
 # (the same two answers, the instruction moved to the deployer's system prompt), so their gradients cancel
 # except where the two contexts differ, and the boundary needs more passes than plain pairs do. On the
