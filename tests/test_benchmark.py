@@ -411,3 +411,7 @@ def test_tradeoff_points_put_every_model_and_each_configs_variant_at_their_kl_an
     assert set(got) == {"base", "negation", "negation/rounds"}
     assert got["negation"][0][0] == pytest.approx(0.06) and got["negation"][1][0] == pytest.approx(0.3)
     assert got["negation/rounds"] == ((0.3, 0.0), (0.1, 0.0)) and got["base"][1] == (2.0, 0.0)
+    for r in res["runs"]:  # a recipe with no negative instruction: the behaviour unasked
+        for m in r["metrics"]["models"].values():
+            m["groups"]["instruction_of"] = "treatment"
+    assert {score for _, _, score in points(res, "pirate")} == {(9.0, 0.0)}

@@ -18,18 +18,24 @@ def kl_limit(targets: Targets) -> float | None:
                  if c.metric == ".".join(KL) and c.compare == "at_most"), None)
 
 
+def condition_shown(models: dict) -> str:
+    """The condition the trade-off plot scores: the negative instruction when the recipe has one (ignore it),
+    else the control prompt (the behaviour unasked)."""
+    return "negative" if next(iter(models.values()))["groups"]["instruction_of"] == "negative" else "control"
+
+
 def points(results: dict, name: str) -> list[tuple[str, tuple, tuple]]:
     """One recipe's (label, KL mean ± std, score mean ± std) per model of the plain runs and per config's
-    variant; the score under the trained instruction (the negative one when there is one)."""
+    variant, the score under `condition_shown`."""
     out = []
     for config in CONFIGS:
         runs = runs_of(results, name, config)
         if not runs or "groups" not in next(iter(runs[0]["metrics"]["models"].values())):
             continue
-        for m, entry in runs[0]["metrics"]["models"].items():
+        for m in runs[0]["metrics"]["models"]:
             if config != "plain" and m in UNTRAINED:
                 continue
-            which = entry["groups"]["instruction_of"]
+            which = condition_shown(runs[0]["metrics"]["models"])
             out.append((m if config == "plain" else f"{m}/{config}", mean_std(metric_values(runs, m, *KL)),
                         mean_std(metric_values(runs, m, "conditions", which, "score"))))
     return out
@@ -102,9 +108,11 @@ def plot_results(results: dict, docs: Path, targets: Targets) -> list[Path]:
             ax.annotate(label, (kx, sy), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if limit is not None:
             ax.axvline(limit, color="r", lw=0.8, ls="--")
-        b = runs_of(results, name, "plain")[0]["metrics"]["behaviour"]
+        metrics = runs_of(results, name, "plain")[0]["metrics"]
+        b, shown = metrics["behaviour"], condition_shown(metrics["models"])
         ax.set_xlabel("KL(base ‖ model) per answer token")
-        ax.set_ylabel(f"{b['scorer']} under the trained instruction ({b['desired']} is better)")
+        ax.set_ylabel(f"{b['scorer']}, {'under the negative instruction' if shown == 'negative' else 'unasked'} "
+                      f"({b['desired']} is better)")
         ax.set_title(name)
     fig.tight_layout()
     p = docs / "benchmark_tradeoff.png"
