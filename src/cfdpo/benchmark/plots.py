@@ -30,12 +30,13 @@ def points(results: dict, name: str) -> list[tuple[str, tuple, tuple]]:
     out = []
     for config in CONFIGS:
         runs = runs_of(results, name, config)
-        if not runs or "groups" not in next(iter(runs[0]["metrics"]["models"].values())):
+        models = runs[0]["metrics"]["models"] if runs else {}
+        if "groups" not in next(iter(models.values()), {}):
             continue
-        for m in runs[0]["metrics"]["models"]:
+        which = condition_shown(models)
+        for m in models:
             if config != "plain" and m in UNTRAINED:
                 continue
-            which = condition_shown(runs[0]["metrics"]["models"])
             out.append((m if config == "plain" else f"{m}/{config}", mean_std(metric_values(runs, m, *KL)),
                         mean_std(metric_values(runs, m, "conditions", which, "score"))))
     return out
