@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import tiny_recipe, write_recipe
 
+from cfdpo import variants as variant_table
 from cfdpo.benchmark.aggregate import mean_std, t975, t_interval
 from cfdpo.benchmark.plan import Plan
 from cfdpo.benchmark.runner import ResultsStore, union_pairs
@@ -163,6 +164,10 @@ def test_target_rules_judge_every_comparison():
         {"label": "share", "metric": "negative.score", "compare": "share_of", "reference": "prompted", "threshold": 25},
         {"label": "times", "metric": "negative.score", "compare": "times_of", "reference": "prompted", "threshold": 0.1, "digits": 1},
         {"label": "at least", "metric": "negative.score", "compare": "at_least", "threshold": 0.1},
+        {"label": "bound from prompted", "metric": "negative.score", "compare": "at_most_or", "reference": "prompted",
+         "threshold": 0.1},
+        {"label": "bound of its own", "metric": "negative.score", "compare": "at_most_or", "reference": "base",
+         "threshold": 2.5},
         {"label": "way", "metric": "negative.score", "compare": "way_to", "start": "base", "reference": "prompted",
          "threshold": 190},
         {"label": "no way", "metric": "control.score", "compare": "way_to", "start": "base", "reference": "prompted",
@@ -177,12 +182,27 @@ def test_target_rules_judge_every_comparison():
         {"target": "times", "value": "0.2 vs prompted 1.0 (0.20×)", "met": False, "gap": "+0.10×",
          "interval": "[-1.07, 1.47] (2 seeds)"},
         {"target": "at least", "value": "0.200", "met": True, "gap": "-0.100", "interval": "[-1.07, 1.47] (2 seeds)"},
+        # the bound rises to prompted's 1.0 (above 0.1); base's 2.0 stays below the threshold 2.5
+        {"target": "bound from prompted", "value": "0.200 (bound 1.000: prompted 1.000)", "met": True, "gap": "-0.800",
+         "interval": "[-1.07, 1.47] (2 seeds)"},
+        {"target": "bound of its own", "value": "0.200 (bound 2.500: base 2.000)", "met": True, "gap": "-2.300",
+         "interval": "[-1.07, 1.47] (2 seeds)"},
         # base 2.0 -> prompted 1.0: the adapter's 0.2 is 180% of that way
         {"target": "way", "value": "0.200 from base 2.000 toward prompted 1.000 (180% of the way)", "met": False,
          "gap": "+10 points", "interval": "[52.9, 307] (2 seeds)"},  # per seed 190% and 170%
         {"target": "no way", "value": "0.000 from base 0.000 toward prompted 0.000 (no gap to close)", "met": False,
          "gap": "", "interval": "n=0 seeds"},
     ]
+
+
+def test_target_rules_pick_models_by_list_or_every_one_but_the_excluded():
+    runs = _fake_results()
+    for run in runs["runs"]:
+        run["metrics"]["models"]["enc"] = run["metrics"]["models"]["negation"]
+    check = [{"label": "{model}", "metric": "capability.kl_per_token", "compare": "at_most", "threshold": 0.1}]
+    rules = [{"recipe": "*", "exclude": ["enc"], "checks": check},  # every trained model but enc
+             {"recipe": "*", "model": ["enc", "dis"], "checks": check}]  # dis not in these runs: no row
+    assert [row["target"] for row in target_rows(runs, load_targets_from({"targets": rules}))] == ["negation", "enc"]
 
 
 def load_targets_from(data: dict, tmp: Path | None = None):
@@ -207,6 +227,9 @@ def load_targets_from(data: dict, tmp: Path | None = None):
     ({"recipe": "x", "checks": [{"label": "{run}", "metric": "nll_ratio", "compare": "at_most", "threshold": 1}]}, "only {recipe}"),
     ({"recipe": "x", "config": "sometimes", "checks": [{"label": "a", "metric": "m", "compare": "at_most", "threshold": 1}]}, "config 'sometimes'"),
     ({"recipe": "x", "checks": []}, "targets.0.checks"),
+    ({"recipe": "x", "checks": [{"label": "a", "metric": "m", "compare": "at_most_or", "threshold": 1}]}, "give 'reference'"),
+    ({"recipe": "x", "model": "enc", "exclude": ["sft"],
+      "checks": [{"label": "a", "metric": "m", "compare": "at_most", "threshold": 1}]}, "exclude: only with model '*'"),
 ])
 def test_bad_target_rules_are_one_line_errors_naming_the_file_and_field(tmp_path, rule, message):
     with pytest.raises(CfdpoError, match="targets.yaml: ") as err:
@@ -238,6 +261,8 @@ def test_repo_targets_name_shipped_recipes_and_their_variants():
     for rule in load_targets(REPO_TARGETS).targets:
         if rule.recipe != "*":
             assert rule.recipe in recipes and rule.model in recipes[rule.recipe].variants, rule.recipe
+        else:  # the variants it names or leaves out are cfdpo's
+            assert set(rule.exclude) | ({rule.model} - {"*"} if isinstance(rule.model, str) else set(rule.model)) <= set(variant_table.NAMES)
 
 
 def test_results_store_records_runs_and_skips_with_reasons(tmp_path):

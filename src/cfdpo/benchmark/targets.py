@@ -6,19 +6,23 @@ A targets file (YAML; the repository's is bench/targets.yaml):
     targets:
       - recipe: pirate               # a behaviour name, or "*" for every recipe
         config: plain                # plain (default), filter, bestofk, self, rounds, or "*" for every one run
-        model: negation              # a model of those runs, or "*" (default) for every trained one
+        model: negation              # a model of those runs, a list of them, or "*" (default) for every trained one
+        exclude: [enc]               # optional, with "*": trained models left out
         checks:
           - label: "{recipe}/{config}/{model}: nll_ratio ≤ 1.05"   # the row's name
             metric: nll_ratio        # a path in the model's metrics: negative.score, control.mean_words
-            compare: at_most         # at_most | at_least | share_of | times_of | points_from | way_to
+            compare: at_most         # at_most | at_most_or | at_least | share_of | times_of | points_from | way_to
             threshold: 1.05
-            reference: base          # the model compared with (share_of, times_of, points_from, way_to)
+            reference: base          # the model compared with (at_most_or, share_of, times_of, points_from, way_to)
             start: base              # way_to only: the model the way starts from
 
 Each check is judged on the mean over seeds of the metric (the row also gives the 95 % t interval over
 seeds of the judged quantity: the value, its share or ratio of the reference's, points from it, or the
 share of the way, per seed):
 - at_most: mean ≤ threshold; at_least: mean ≥ threshold;
+- at_most_or: mean ≤ the larger of threshold and the reference model's mean (a bound that rises to the
+  reference's own value: KL for ENC and Contrastive, whose chosen answers are the prompted teacher's, as
+  dpo.auto's guard does);
 - share_of: mean ≤ threshold % of the reference model's mean;
 - times_of: mean ≤ threshold × the reference model's mean;
 - points_from: a fraction (an accuracy) within `threshold` percentage points of the reference's;
@@ -48,7 +52,7 @@ class _Strict(BaseModel):
 class Check(_Strict):
     label: str = Field(min_length=1)
     metric: str = Field(min_length=1)
-    compare: Literal["at_most", "at_least", "share_of", "times_of", "points_from", "way_to"]
+    compare: Literal["at_most", "at_most_or", "at_least", "share_of", "times_of", "points_from", "way_to"]
     threshold: float
     reference: str | None = None
     start: str | None = None
@@ -58,7 +62,7 @@ class Check(_Strict):
     def _reference_when_relative(self) -> Check:
         absolute = self.compare in ("at_most", "at_least")
         if absolute != (self.reference is None):
-            raise ValueError("give 'reference' (a model) with share_of, times_of, points_from and way_to, and only with them")
+            raise ValueError("give 'reference' (a model) with at_most_or, share_of, times_of, points_from and way_to, and only with them")
         if (self.compare == "way_to") != (self.start is not None):
             raise ValueError("give 'start' (a model) with way_to, and only with it")
         try:
@@ -70,7 +74,7 @@ class Check(_Strict):
     def measure(self, value: float, ref: float | None, start: float | None = None) -> float | None:
         """The judged quantity of one seed (or of the means): the value itself, % of the reference's,
         × the reference's, points from it, or % of the way from start to reference; None where undefined."""
-        if self.compare in ("at_most", "at_least"):
+        if self.compare in ("at_most", "at_most_or", "at_least"):
             return value
         if self.compare == "points_from":
             return 100 * (value - ref)
@@ -87,6 +91,10 @@ class Check(_Strict):
             return {"value": f"{value:.{d}f}", "met": value <= t, "gap": f"{value - t:+.{d}f}"}
         if self.compare == "at_least":
             return {"value": f"{value:.{d}f}", "met": value >= t, "gap": f"{t - value:+.{d}f}"}
+        if self.compare == "at_most_or":
+            bound = max(t, ref)
+            return {"value": f"{value:.{d}f} (bound {bound:.{d}f}: {name} {ref:.{d}f})", "met": value <= bound,
+                    "gap": f"{value - bound:+.{d}f}"}
         if self.compare == "way_to":
             seen = f"{value:.{d}f} from {self.start} {start:.{d}f} toward {name} {ref:.{d}f}"
             way = self.measure(value, ref, start)
@@ -110,14 +118,23 @@ class Check(_Strict):
 class Rule(_Strict):
     recipe: str = Field(min_length=1)
     config: str = "plain"
-    model: str = Field(EVERY, min_length=1)
+    model: str | list[str] = Field(EVERY, min_length=1)
+    exclude: list[str] = Field(default_factory=list)
     checks: list[Check] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _known_config(self) -> Rule:
         if self.config != EVERY and self.config not in CONFIGS:
             raise ValueError(f"config '{self.config}': expected one of {', '.join(CONFIGS)} or '{EVERY}'")
+        if self.exclude and self.model != EVERY:
+            raise ValueError(f"exclude: only with model '{EVERY}'")
         return self
+
+    def models(self, recorded: list[str]) -> list[str]:
+        """The models this rule checks among a run's `recorded` ones."""
+        if self.model == EVERY:
+            return [m for m in recorded if m not in UNTRAINED and m not in self.exclude]
+        return [self.model] if isinstance(self.model, str) else [m for m in self.model if m in recorded]
 
 
 class Targets(_Strict):
@@ -153,8 +170,7 @@ def target_rows(results: dict, targets: Targets) -> list[dict]:
                 runs = runs_of(results, recipe, config)
                 if not runs:
                     continue
-                models = [m for m in runs[0]["metrics"]["models"] if m not in UNTRAINED] if rule.model == EVERY else [rule.model]
-                for model in models:
+                for model in rule.models(list(runs[0]["metrics"]["models"])):
                     for check in rule.checks:
                         path = check.metric.split(".")
                         values, refs, starts = (metric_values(runs, m, *path) if m else [None] * len(runs)
