@@ -36,6 +36,24 @@ def test_select_best_over_the_guard_everywhere_takes_the_lowest_kl_and_none_with
     assert select_best([], 0.1, "higher") is None
 
 
+def test_validation_steps_are_dense_before_eval_every_then_every_eval_every_and_the_last():
+    from cfdpo.validation import validates_at
+
+    assert [s for s in range(1, 31) if validates_at(s, 6, 30)] == [1, 2, 4, 6, 12, 18, 24, 30]
+    assert [s for s in range(1, 11) if validates_at(s, 3, 10)] == [1, 2, 3, 6, 9, 10]
+    assert [s for s in range(1, 5) if validates_at(s, 1, 4)] == [1, 2, 3, 4]
+
+
+def test_the_guard_is_broken_when_the_last_patience_trained_points_are_all_over_it():
+    from cfdpo.validation import guard_broken
+
+    over = curve((0, 0.0, 0.0), (1, 0.2, 0.05), (2, 0.4, 0.3), (4, 0.6, 0.5))
+    assert guard_broken(over, 2, 0.1)
+    assert not guard_broken(over, 3, 0.1)  # step 1 was within
+    assert not guard_broken(over[:3], 2, 0.1)  # only one point over
+    assert not guard_broken(curve((0, 0.0, 0.0)), 1, 0.1)  # step 0 is not a trained point
+
+
 def test_should_stop_after_patience_evaluations_without_a_better_step():
     rising = curve((0, 0.0, 0.0), (6, 0.2, 0.0), (12, 0.4, 0.0), (18, 0.5, 0.0))
     assert not should_stop(rising, 2, 0.1, "higher")
@@ -114,11 +132,12 @@ def test_auto_publishes_the_best_step_and_stops_early(tiny_model, tmp_path, monk
     quiet = T._quiet
     monkeypatch.setattr(T, "_quiet", lambda trainer, *a: (quiet(trainer, *a), trainer.add_callback(weights_at({6, 12}, seen))))
     spec = DPOSpec(batch_size=2, epochs=10, max_length=64, lora_r=4, lora_alpha=8, save_steps=50)
-    # validations at steps 0, 3, 6, 9, 12: step 6 is best, 9 and 12 are no better -> stop at 12 of 30
+    # validations at steps 0, 1, 2 (below eval_every), 3, 6, 9, 12: step 6 is best, 9 and 12 are no better
+    # -> stop at 12 of 30
     out = T.train_dpo(str(tiny_model), pairs(6), spec, tmp_path / "adapters" / "enc",
-                      validation=plan(ScriptedScorer([0.0, 0.3, 0.8, 0.5, 0.8, 0.9])))
+                      validation=plan(ScriptedScorer([0.0, 0.1, 0.2, 0.3, 0.8, 0.5, 0.8, 0.9])))
     log = json.loads((out / "train_log.json").read_text())
-    assert [p["step"] for p in log["validation"]] == [0, 3, 6, 9, 12]
+    assert [p["step"] for p in log["validation"]] == [0, 1, 2, 3, 6, 9, 12]
     assert all(set(p) == {"step", "score", "kl"} for p in log["validation"]), log["validation"]
     assert log["validation"][-1]["kl"] != 0.0
     assert log["validation"][0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the untrained adapter is the base
@@ -134,15 +153,35 @@ def test_auto_raises_the_steps_to_min_steps_and_off_keeps_the_epochs(tiny_model,
 
     spec = DPOSpec(batch_size=2, epochs=1, max_length=64, lora_r=4, lora_alpha=8)
     auto = T.train_dpo(str(tiny_model), pairs(4), spec, tmp_path / "auto",
-                       validation=plan(ScriptedScorer([0.0, 0.1, 0.2, 0.3]), min_steps=7, eval_every=4))
+                       validation=plan(ScriptedScorer([0.0, 0.1, 0.2, 0.3, 0.4]), min_steps=7, eval_every=4))
     log = json.loads((auto / "train_log.json").read_text())
     assert max(e["step"] for e in log["log_history"] if "loss" in e) == 7
-    assert [p["step"] for p in log["validation"]] == [0, 4, 7]  # and the last step
+    assert [p["step"] for p in log["validation"]] == [0, 1, 2, 4, 7]  # and the last step
     assert log["best_step"] == 7
     plain = T.train_dpo(str(tiny_model), pairs(4), spec, tmp_path / "plain")
     log = json.loads((plain / "train_log.json").read_text())
     assert max(e["step"] for e in log["log_history"] if "loss" in e) == 2
     assert "validation" not in log
+
+
+def test_auto_stops_before_min_steps_once_every_recent_step_broke_the_guard(tiny_model, tmp_path, monkeypatch):
+    import cfdpo.train as T
+    from cfdpo.spec import DPOSpec
+    from cfdpo.validation import ValidationCallback
+
+    # the KL as scripted NLLs: the base's 1.0, then step 0 at KL 0, steps 1, 2, 3, 6, ... at 0.5, 0.3, 0.4, 0.6, 0.7
+    nll = iter([1.0, 1.0, 1.5, 1.3, 1.4, 1.6, 1.7, 1.8, 1.9])
+    monkeypatch.setattr(ValidationCallback, "_nll", lambda self, model, conversations=None: next(nll))
+    spec = DPOSpec(batch_size=2, epochs=10, max_length=64, lora_r=4, lora_alpha=8, save_steps=50)
+    # every trained step is over the 0.1 guard: step 2 (lowest KL) is two validations old at step 6, and min_steps 12
+    # does not hold the stop back
+    out = T.train_dpo(str(tiny_model), pairs(6), spec, tmp_path / "adapters" / "dis",
+                      validation=plan(ScriptedScorer([0.0, 0.1, 0.2, 0.3]), min_steps=12, max_kl=0.1))
+    log = json.loads((out / "train_log.json").read_text())
+    assert [p["step"] for p in log["validation"]] == [0, 1, 2, 3, 6]
+    assert [p["kl"] for p in log["validation"]] == pytest.approx([0.0, 0.5, 0.3, 0.4, 0.6])
+    assert max(e["step"] for e in log["log_history"] if "loss" in e) == 6 and log["auto"]["stopped_early"]
+    assert log["best_step"] == 2
 
 
 def test_a_killed_auto_run_resumes_with_its_curve_and_best_adapter(tiny_model, tmp_path, monkeypatch):
@@ -156,7 +195,7 @@ def test_a_killed_auto_run_resumes_with_its_curve_and_best_adapter(tiny_model, t
 
     class Kill(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == 7:  # checkpoint-6 holds the curve of steps 0, 3, 6
+            if state.global_step == 7:  # checkpoint-6 holds the curve of steps 0, 1, 2, 3, 6
                 raise Crash
 
     seen: dict = {}
@@ -167,7 +206,7 @@ def test_a_killed_auto_run_resumes_with_its_curve_and_best_adapter(tiny_model, t
     out = tmp_path / "adapters" / "enc"
     # the killed run: best at step 3; the rerun scores every later validation lower -> step 3 is published
     with pytest.raises(Crash):
-        T.train_dpo(str(tiny_model), pairs(6), spec, out, validation=plan(ScriptedScorer([0.0, 0.9, 0.5]),
+        T.train_dpo(str(tiny_model), pairs(6), spec, out, validation=plan(ScriptedScorer([0.0, 0.2, 0.3, 0.9, 0.5]),
                                                                           patience=5))
     work = out.with_name(".enc-work")
     assert T.last_checkpoint(work).endswith("checkpoint-6")
@@ -175,8 +214,8 @@ def test_a_killed_auto_run_resumes_with_its_curve_and_best_adapter(tiny_model, t
     rerun = ScriptedScorer([0.1])
     T.train_dpo(str(tiny_model), pairs(6), spec, out, validation=plan(rerun, patience=5))
     log = json.loads((out / "train_log.json").read_text())
-    assert [p["step"] for p in log["validation"]] == [0, 3, 6, 9, 12]
-    assert [p["score"] for p in log["validation"]] == pytest.approx([0.0, 0.9, 0.5, 0.1, 0.1])
+    assert [p["step"] for p in log["validation"]] == [0, 1, 2, 3, 6, 9, 12]
+    assert [p["score"] for p in log["validation"]] == pytest.approx([0.0, 0.2, 0.3, 0.9, 0.5, 0.1, 0.1])
     assert rerun.calls == 2  # steps 0-6 come from the checkpoint, not measured again
     assert log["best_step"] == 3 and same_weights(published(out), seen[3])
     assert not work.exists()

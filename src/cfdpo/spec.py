@@ -275,11 +275,13 @@ class DPOSpec(_Strict):
                     "the last, and an early stop after patience evaluations without a better step. false: exactly "
                     "epochs passes, the last step published.")
     min_steps: int = Field(default=24, ge=1, description="dpo.auto: optimizer steps at least (epochs are raised to "
-                                                         "reach them); no early stop before them.")
-    eval_every: int = Field(default=6, ge=1, description="dpo.auto: validate every N optimizer steps (and at step 0 "
-                                                         "and the last step).")
+                                                         "reach them); no early stop before them unless the last "
+                                                         "patience validations all broke the max_kl guard.")
+    eval_every: int = Field(default=6, ge=1, description="dpo.auto: validate every N optimizer steps (and at step 0, "
+                                                         "at steps 1, 2, 4, ... below N, and at the last step).")
     patience: int = Field(default=2, ge=1, description="dpo.auto: stop once the best step is this many validations "
-                                                       "old (after min_steps).")
+                                                       "old (after min_steps, or sooner when that many in a row "
+                                                       "broke the max_kl guard).")
     max_kl: float = Field(
         default=0.1, gt=0.0,
         description="dpo.auto: capability guard, in nats per answer token: a step is published only if "
