@@ -36,10 +36,10 @@ def test_select_best_over_the_guard_everywhere_takes_the_lowest_kl_and_none_with
     assert select_best([], 0.1, "higher") is None
 
 
-def test_validation_steps_are_dense_before_eval_every_then_every_eval_every_and_the_last():
+def test_validation_steps_are_every_step_up_to_eval_every_then_its_multiples_and_the_last():
     from cfdpo.validation import validates_at
 
-    assert [s for s in range(1, 31) if validates_at(s, 6, 30)] == [1, 2, 4, 6, 12, 18, 24, 30]
+    assert [s for s in range(1, 31) if validates_at(s, 6, 30)] == [1, 2, 3, 4, 5, 6, 12, 18, 24, 30]
     assert [s for s in range(1, 11) if validates_at(s, 3, 10)] == [1, 2, 3, 6, 9, 10]
     assert [s for s in range(1, 5) if validates_at(s, 1, 4)] == [1, 2, 3, 4]
 
@@ -132,7 +132,7 @@ def test_auto_publishes_the_best_step_and_stops_early(tiny_model, tmp_path, monk
     quiet = T._quiet
     monkeypatch.setattr(T, "_quiet", lambda trainer, *a: (quiet(trainer, *a), trainer.add_callback(weights_at({6, 12}, seen))))
     spec = DPOSpec(batch_size=2, epochs=10, max_length=64, lora_r=4, lora_alpha=8, save_steps=50)
-    # validations at steps 0, 1, 2 (below eval_every), 3, 6, 9, 12: step 6 is best, 9 and 12 are no better
+    # validations at steps 0, 1, 2, 3 (every step up to eval_every), 6, 9, 12: step 6 is best, 9 and 12 are no better
     # -> stop at 12 of 30
     out = T.train_dpo(str(tiny_model), pairs(6), spec, tmp_path / "adapters" / "enc",
                       validation=plan(ScriptedScorer([0.0, 0.1, 0.2, 0.3, 0.8, 0.5, 0.8, 0.9])))
@@ -153,10 +153,10 @@ def test_auto_raises_the_steps_to_min_steps_and_off_keeps_the_epochs(tiny_model,
 
     spec = DPOSpec(batch_size=2, epochs=1, max_length=64, lora_r=4, lora_alpha=8)
     auto = T.train_dpo(str(tiny_model), pairs(4), spec, tmp_path / "auto",
-                       validation=plan(ScriptedScorer([0.0, 0.1, 0.2, 0.3, 0.4]), min_steps=7, eval_every=4))
+                       validation=plan(ScriptedScorer([0.0, 0.1, 0.2, 0.3, 0.4, 0.5]), min_steps=7, eval_every=4))
     log = json.loads((auto / "train_log.json").read_text())
     assert max(e["step"] for e in log["log_history"] if "loss" in e) == 7
-    assert [p["step"] for p in log["validation"]] == [0, 1, 2, 4, 7]  # and the last step
+    assert [p["step"] for p in log["validation"]] == [0, 1, 2, 3, 4, 7]  # and the last step
     assert log["best_step"] == 7
     plain = T.train_dpo(str(tiny_model), pairs(4), spec, tmp_path / "plain")
     log = json.loads((plain / "train_log.json").read_text())

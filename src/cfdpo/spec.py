@@ -278,7 +278,7 @@ class DPOSpec(_Strict):
                                                          "reach them); no early stop before them unless the last "
                                                          "patience validations all broke the max_kl guard.")
     eval_every: int = Field(default=6, ge=1, description="dpo.auto: validate every N optimizer steps (and at step 0, "
-                                                         "at steps 1, 2, 4, ... below N, and at the last step).")
+                                                         "at every step before N, and at the last step).")
     patience: int = Field(default=2, ge=1, description="dpo.auto: stop once the best step is this many validations "
                                                        "old (after min_steps, or sooner when that many in a row "
                                                        "broke the max_kl guard).")
