@@ -9,8 +9,9 @@ validation curve, the best step published, and an early stop.
   every `dpo.eval_every` steps and at the last (`validates_at`), `ValidationCallback` answers the
   validation prompts greedily under the condition the variant's DPO prompt uses (control for enc /
   dis / contrastive, negative for negation), scores the answers with the recipe's scorer, and
-  estimates KL(base || policy) in nats per answer token on a few answers the base model sampled to the validation prompts' control conversations (the base is the
-  same model with the adapter disabled). Points are {step, score, kl}.
+  estimates KL(base || policy) in nats per answer token on a few answers the base model sampled
+  to the validation prompts' control conversations (the base is the same model with the adapter
+  disabled). Points are {step, score, kl}.
 - Selection: `select_best` takes the best-scoring trained step whose KL stays within the guard
   (ties: the earliest); when every trained step is over the guard, the one with the lowest KL.
   The guard (`kl_bound`) is `dpo.max_kl`, raised to the prompted teacher's own KL where the adapter
