@@ -285,6 +285,11 @@ def test_results_store_records_runs_and_skips_with_reasons(tmp_path):
     again = ResultsStore(tmp_path / "results.json", "cfdpo benchmark x", 2)
     assert again.finished("concise", "plain", 0, run_dir, {"enc"}) == 20.0
     assert again.finished("concise", "plain", 0, run_dir, {"enc", "multi"}) is None
+    # a recipe changed in evaluation settings only made the evaluate stage due again (manifest.evaluation_changed)
+    (run_dir / "manifest.json").write_text(json.dumps({"stages": {"train": {}}}))
+    assert again.finished("concise", "plain", 0, run_dir, {"enc"}) is None
+    (run_dir / "manifest.json").write_text(json.dumps({"stages": {"train": {}, "evaluate": {}}}))
+    assert again.finished("concise", "plain", 0, run_dir, {"enc"}) == 20.0
     assert again.results["runs"] == []
 
 

@@ -151,7 +151,7 @@ def test_run_directory_written_before_the_scorecard_fields_is_accepted(tiny_mode
     before = (run_dir / "recipe.yaml").read_bytes()
     open_run(run_dir, rec)
     assert (run_dir / "recipe.yaml").read_bytes() == before
-    data["evaluation"]["subset_size"] = 5
+    data["evaluation"]["max_new_tokens"] = 5  # read by training too (tests/test_reevaluate.py: the other fields)
     rec.write_text(yaml.safe_dump(data))
     assert main(["pairs", str(run_dir), "--recipe", str(rec)]) == 2
-    assert "written by another recipe (differs in: evaluation)" in capsys.readouterr().err
+    assert "written by another recipe (differs in: evaluation.max_new_tokens)" in capsys.readouterr().err

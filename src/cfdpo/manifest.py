@@ -10,7 +10,9 @@ sha256 of its files' contents (`inputs.model.sha256`, see `models.model_sha256`)
 without it was written by an older cfdpo that hashed file sizes only, and is refused. `stages`
 records when each stage last finished (and the package versions / git commit, where they differ
 from the ones at the top); `stages.train.adapters` what each adapter was trained from (its
-`identity.json`, see `train.adapter_identity`).
+`identity.json`, see `train.adapter_identity`). Reopening a run with a recipe changed only in
+evaluation settings (`Recipe.only_evaluation_changed_from`) updates `recipe_sha256` and drops
+`stages.evaluate` and `stages.report`: those are due again, on the same answers, pairs and adapters.
 """
 
 from __future__ import annotations
@@ -108,6 +110,19 @@ def check(run_dir: Path, recipe: Recipe, model_path: str) -> dict | None:
                     f"now {new[f]!s:.24}); restore it or use a new --out directory"
                 )
     return saved
+
+
+def evaluation_changed(run_dir: Path, recipe: Recipe) -> None:
+    """The run's recipe is now `recipe`, changed in evaluation settings only: its hash is updated and the
+    evaluate and report stages are no longer recorded as finished (no-op if the run has no manifest)."""
+    path = run_dir / NAME
+    if not path.is_file():
+        return
+    m = read_json(path)
+    m["recipe_sha256"] = hashlib.sha256(recipe.canonical_json().encode()).hexdigest()
+    for stage in ("evaluate", "report"):
+        m.setdefault("stages", {}).pop(stage, None)
+    write_json(path, m)
 
 
 def adapter_identities(run_dir: Path) -> dict[str, dict]:

@@ -31,7 +31,7 @@ from pathlib import Path
 from cfdpo import dist, tracking
 from cfdpo.errors import CfdpoError
 from cfdpo.lock import RunLock, hold
-from cfdpo.recipe import Recipe, dump_recipe, load_recipe
+from cfdpo.recipe import UPSTREAM_EVAL_FIELDS, Recipe, dump_recipe, load_recipe
 from cfdpo.runio import check_inside, write_atomic, write_json
 
 
@@ -91,6 +91,7 @@ def _open_run(run_dir: str | Path, recipe_path: str | Path | None, trust_remote_
 
     d = Path(run_dir)
     saved = d / "recipe.yaml"
+    reevaluate = False  # only evaluation settings changed: the run's evaluate and report stages are due again
     held = hold(d) if saved.is_file() else None  # an existing run is checked and written under its lock
     if d.exists() and not d.is_dir():
         raise CfdpoError(f"{d}: exists and is not a directory; expected a run directory")
@@ -103,11 +104,13 @@ def _open_run(run_dir: str | Path, recipe_path: str | Path | None, trust_remote_
         if saved.is_file():
             old = load_recipe(saved)
             if old.digest() != recipe.digest():
-                changed = [k for k in type(recipe).model_fields if getattr(old, k) != getattr(recipe, k)]
-                raise CfdpoError(
-                    f"{d}: run directory was written by another recipe (differs in: {', '.join(changed)}); "
-                    "use a new --out directory"
-                )
+                if not recipe.only_evaluation_changed_from(old):
+                    raise CfdpoError(
+                        f"{d}: run directory was written by another recipe (differs in: "
+                        f"{', '.join(recipe.changed_from(old))}); use a new --out directory (a recipe that changes "
+                        f"only evaluation settings other than {' and '.join(UPSTREAM_EVAL_FIELDS)} re-evaluates a run)"
+                    )
+                reevaluate = True
     if not resume:
         found = [name for name in OUTPUTS if (d / name).exists()]
         if found:
@@ -146,6 +149,9 @@ def _open_run(run_dir: str | Path, recipe_path: str | Path | None, trust_remote_
         if saved.is_file():
             return _open_run(run_dir, recipe_path, trust_remote_code, resume)
     run.lock = held
+    if reevaluate:  # the manifest first: a crash in between leaves the evaluate stage due, never stale
+        manifest.evaluation_changed(d, recipe)
+        write_atomic(saved, dump_recipe(recipe))
     if not saved.is_file():
         write_atomic(saved, dump_recipe(recipe))
     if saved_manifest is None:

@@ -154,6 +154,23 @@ class Recipe(_Strict):
     def digest(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
 
+    def changed_from(self, old: Recipe) -> list[str]:
+        """The sections (`evaluation.<field>` for evaluation) in which this recipe differs from `old`."""
+        changed = [k for k in type(self).model_fields if k != "evaluation" and getattr(old, k) != getattr(self, k)]
+        return changed + [f"evaluation.{k}" for k in EvalSpec.model_fields
+                          if getattr(old.evaluation, k) != getattr(self.evaluation, k)]
+
+    def only_evaluation_changed_from(self, old: Recipe) -> bool:
+        """This recipe differs from `old` only in evaluation settings no earlier stage reads, so `old`'s
+        answers, pairs and adapters stand and only evaluate and report need to run again."""
+        changed = self.changed_from(old)
+        return bool(changed) and all(c.startswith("evaluation.") and c.split(".", 1)[1] not in UPSTREAM_EVAL_FIELDS
+                                     for c in changed)
+
+
+# evaluation settings that training also reads (dpo.auto's validation answers, the on-policy rounds' batches)
+UPSTREAM_EVAL_FIELDS = ("max_new_tokens", "batch_size")
+
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
     """The recipe section class a field's annotation names (`LmEvalSpec | None` names LmEvalSpec), or None.

@@ -58,9 +58,12 @@ class ResultsStore:
         self.results: dict = {"command": command, "seeds": seeds, "runs": [], "started": _now()}
 
     def finished(self, recipe: str, config: str, seed: int, run_dir: Path, expected: set[str]) -> float | None:
-        """The earlier seconds of a run whose metrics already cover every expected model; None: run it."""
-        metrics = run_dir / "metrics.json"
+        """The earlier seconds of a run whose metrics already cover every expected model and whose manifest
+        (where it has one) has not had its evaluate stage made due again by a changed recipe; None: run it."""
+        metrics, manifest = run_dir / "metrics.json", run_dir / "manifest.json"
         if not metrics.is_file() or not expected <= set(read_json(metrics)["models"]):
+            return None
+        if manifest.is_file() and "evaluate" not in read_json(manifest).get("stages", {}):
             return None
         return next((r["seconds"] for r in self.previous if _key(r) == (recipe, config, seed)), 0.0)
 
