@@ -37,10 +37,13 @@ def answer_rows(r) -> list[dict]:
 
 
 def test_the_retain_row_joins_negation_and_is_no_variant():
-    (row,) = variants.RETAIN
+    row, scope = variants.RETAIN
     assert (row.prompt, row.placement, row.chosen, row.rejected, row.joins) == ("negative", "system", "negative",
                                                                                 "control", "negation")
+    assert (scope.prompt, scope.chosen, scope.rejected, scope.joins, scope.own_prompts) == (
+        "scope", "scope", "scope_rejected", "negation", True)
     assert variants.retain_rows("negation") == (row,) and variants.retain_rows("dis") == ()
+    assert variants.retain_rows("negation", own_prompts=True) == (row, scope)
     assert "retain" not in variants.NAMES and "retain" not in variants.TRAINED_ORDER
 
 

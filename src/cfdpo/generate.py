@@ -19,6 +19,7 @@ from cfdpo import counterfactual
 from cfdpo.progress import GenerationProgress
 from cfdpo.runio import JsonlLog
 from cfdpo.spec import Behaviour
+from cfdpo.variants import SCOPE_CONDITIONS
 
 
 @dataclass(frozen=True)
@@ -45,17 +46,27 @@ def plan_rows(
     A behaviour with several paraphrases of an instruction gives each prompt the one drawn from
     (`seed`, the prompt's id, the condition): every sample of that prompt and condition uses it.
     """
-    rows = []
-    for p in prompts:
-        for cond in conditions:
-            msgs = counterfactual.messages(p["prompt"], cond, behaviour, p["id"], seed)
-            for s in range(samples):
-                rows.append({
-                    "key": row_key(model, msgs, params, s, seed), "prompt_id": p["id"], "prompt": p["prompt"],
-                    "condition": cond, "sample": s, "messages": msgs, "model": model, "gen": params.as_dict(),
-                    "seed": seed, **(extra or {}),
-                })
-    return rows
+    asked = [(p, cond, counterfactual.messages(p["prompt"], cond, behaviour, p["id"], seed))
+             for p in prompts for cond in conditions]
+    return _rows(asked, samples, model, params, seed, extra)
+
+
+def plan_scope_rows(prompts: Sequence[dict], rejected_instruction: str, behaviour: Behaviour, samples: int, model: str,
+                    params: GenParams, seed: int) -> list[dict]:
+    """The rows of `pairs.retain_prompts` (`prompts`: their ids already tagged, see `prompts.scope_prompts`):
+    each prompt as asked (`scope`) and with `rejected_instruction` at behaviour.placement (`scope_rejected`)."""
+    asked = [(p, cond, counterfactual.conversation(p["prompt"], instruction, behaviour.placement, behaviour.system_prompt))
+             for p in prompts for cond, instruction in zip(SCOPE_CONDITIONS, (None, rejected_instruction))]
+    return _rows(asked, samples, model, params, seed)
+
+
+def _rows(asked: list[tuple[dict, str, list[dict]]], samples: int, model: str, params: GenParams, seed: int,
+          extra: dict | None = None) -> list[dict]:
+    """Answer rows (without answers) of (prompt row, condition, messages) triples, `samples` each."""
+    return [{"key": row_key(model, msgs, params, s, seed), "prompt_id": p["id"], "prompt": p["prompt"],
+             "condition": cond, "sample": s, "messages": msgs, "model": model, "gen": params.as_dict(),
+             "seed": seed, **(extra or {})}
+            for p, cond, msgs in asked for s in range(samples)]
 
 
 

@@ -66,6 +66,17 @@ class Run:
         p = self.recipe.prompts
         return validation_split(load_prompts(p.source, p.column), p.train_size, p.eval_size, p.validation_size, p.seed)
 
+    def retain_prompts(self) -> list[dict]:
+        """pairs.retain_prompts' prompts (none without it), never those an evaluation in-scope context asks."""
+        from cfdpo.prompts import load_prompts, scope_prompts
+
+        spec, ev = self.recipe.pairs.retain_prompts, self.recipe.evaluation
+        if spec is None:
+            return []
+        held_out = {p["prompt"].strip() for c in ev.in_scope if c.prompts
+                    for p in load_prompts(c.prompts, c.column)[:ev.subset_size]}
+        return scope_prompts(load_prompts(spec.source, spec.column), held_out, spec.size, spec.source)
+
 
 OUTPUTS = ("answers.jsonl", "pairs", "adapters", "rounds", "eval", "metrics.json", "report.md", "report.html")
 
@@ -129,6 +140,7 @@ def _open_run(run_dir: str | Path, recipe_path: str | Path | None, trust_remote_
     run = Run(d, recipe.model_copy(update={"trust_remote_code": bool(trust_remote_code)}))
     run.split()  # the prompt file and the split sizes are valid
     run.validation_prompts()
+    run.retain_prompts()
     from cfdpo.models import check_available
 
     check_available(run.model_path)
@@ -163,7 +175,7 @@ def generate(run: Run) -> int:
     """Answer the control / treatment / negative versions of the training prompts (see `generate_rows`).
     Returns how many answers were added."""
     from cfdpo.backends import get_backend
-    from cfdpo.generate import GenParams, answers_path, plan_rows
+    from cfdpo.generate import GenParams, answers_path, plan_rows, plan_scope_rows
     from cfdpo.models import load_tokenizer, model_id
     from cfdpo.runtime import resolve_dtype
 
@@ -171,8 +183,11 @@ def generate(run: Run) -> int:
     g = r.generation
     train, _ = run.split()
     path = run.model_path
-    rows = plan_rows(train, r.needed_conditions(), r.behaviour, g.samples, model_id(path),
-                     GenParams(g.max_new_tokens, g.temperature, g.top_p), g.seed)
+    params = GenParams(g.max_new_tokens, g.temperature, g.top_p)
+    rows = plan_rows(train, r.needed_conditions(), r.behaviour, g.samples, model_id(path), params, g.seed)
+    if r.pairs.retain_prompts is not None:
+        rows += plan_scope_rows(run.retain_prompts(), r.pairs.retain_prompts.rejected_instruction, r.behaviour,
+                                g.samples, model_id(path), params, g.seed)
 
     def loader():
         tok = load_tokenizer(path, r.trust_remote_code)
@@ -236,7 +251,7 @@ def _build_pairs(run: Run) -> dict[str, dict]:
     if not ap.is_file():
         raise CfdpoError(f"{ap}: not found; run `cfdpo generate` first")
     train, _ = run.split()
-    wanted = {p["id"] for p in train}
+    wanted = {p["id"] for p in train + run.retain_prompts()}
     rows = [row for row in JsonlLog(ap).rows if row["prompt_id"] in wanted]
     scorer = make_scorer(r.behaviour.scorer.name, r.behaviour.scorer.params)
     self_scores = answer_self_scores(run, rows) if r.pairs.score == "self" else None
@@ -253,7 +268,7 @@ def write_variant_pairs(rows: list[dict], variant: str, recipe: Recipe, scorer, 
     from cfdpo.variants import retain_rows
 
     pairs, stats = _pairs_of(rows, variant, recipe, scorer, self_scores)
-    joining = retain_rows(variant) if recipe.pairs.retain else ()
+    joining = retain_rows(variant, recipe.pairs.retain_prompts is not None) if recipe.pairs.retain else ()
     if joining:  # scope-aware: the retain pairs mixed in, tagged by kind, counted per kind
         parts, kinds = {variant: pairs}, {variant: stats}
         for row in joining:

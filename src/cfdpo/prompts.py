@@ -137,3 +137,14 @@ def validation_split(prompts: list[dict], train_size: int, eval_size: int, valid
             f"set has only {len(prompts)} prompts; expected at most {max(0, len(prompts) - start)}"
         )
     return _shuffled(prompts, seed)[start : start + validation_size]
+
+
+def scope_prompts(prompts: list[dict], held_out: set[str], size: int, where: str) -> list[dict]:
+    """pairs.retain_prompts' prompts: the first `size` of `prompts` whose text is not in `held_out` (the
+    prompts an evaluation in-scope context asks), their ids tagged `scope:` so they never meet a training
+    prompt's id in answers.jsonl; fewer than `size` left is an error."""
+    kept = [{**p, "id": f"scope:{p['id']}"} for p in prompts if p["prompt"].strip() not in held_out]
+    if len(kept) < size:
+        raise CfdpoError(f"pairs.retain_prompts: {where} has {len(kept)} prompts that no evaluation.in_scope context "
+                         f"asks, fewer than size {size}; expected size at most {len(kept)}")
+    return kept[:size]

@@ -78,6 +78,18 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _retain_has_a_negation(self) -> Recipe:
+        scope = self.pairs.retain_prompts
+        if scope is not None and not self.pairs.retain:
+            raise ValueError("pairs.retain_prompts needs pairs.retain: true (its pairs are retain pairs)")
+        if scope is not None and scope.source == self.prompts.source:
+            raise ValueError("pairs.retain_prompts.source: the training prompts' source; expected prompts where the "
+                             "behaviour is legitimate (e.g. a set written in the language)")
+        if scope is not None and self.pairs.score == "self":
+            raise ValueError("pairs.retain_prompts does not combine with pairs.score: self (its prompts have no "
+                             "counterfactual versions to self-score against)")
+        if scope is not None and self.dpo.rounds > 1:
+            raise ValueError("pairs.retain_prompts does not combine with dpo.rounds > 1 (the rounds answer the "
+                             "training prompts only)")
         if not self.pairs.retain:
             return self
         if self.behaviour.negative is None:
@@ -277,7 +289,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def _prompt_file_from(recipe: Recipe, folder: Path) -> Recipe:
     """The recipe with each relative prompt file path (`prompts.source`, `evaluation.kl_source`, an in-scope
-    context's `prompts`) made absolute from `folder`; builtin set names stay names.
+    context's `prompts`, `pairs.retain_prompts.source`) made absolute from `folder`; builtin set names stay names.
 
     A run directory keeps a copy of the recipe, so the copy holds the absolute paths and still finds the files.
     """
@@ -288,10 +300,13 @@ def _prompt_file_from(recipe: Recipe, folder: Path) -> Recipe:
             return source
         return str(folder.resolve() / source)
 
-    ev = recipe.evaluation
+    ev, scope = recipe.evaluation, recipe.pairs.retain_prompts
     in_scope = [c.model_copy(update={"prompts": located(c.prompts)}) for c in ev.in_scope]
+    if scope is not None:
+        scope = scope.model_copy(update={"source": located(scope.source)})
     return recipe.model_copy(update={
         "prompts": recipe.prompts.model_copy(update={"source": located(recipe.prompts.source)}),
+        "pairs": recipe.pairs.model_copy(update={"retain_prompts": scope}),
         "evaluation": ev.model_copy(update={"kl_source": located(ev.kl_source), "in_scope": in_scope})})
 
 

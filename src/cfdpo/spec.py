@@ -209,6 +209,28 @@ class GenerationSpec(_Strict):
     seed: int = Field(default=0, description="Sampling seed.")
 
 
+class RetainPrompts(_Strict):
+    """Prompts where the behaviour is legitimate by their own content (e.g. users who write in French), for
+    retain pairs of their own: chosen = the answer to the prompt as asked, rejected = the answer with
+    `rejected_instruction`, which gets one without the behaviour."""
+
+    source: str = Field(description="builtin set name or .jsonl/.csv/.parquet file of such prompts (a relative path is "
+                                    "read from the recipe file's folder); never one of prompts.source's")
+    column: str = Field(default="prompt", description="the prompt column of that file")
+    size: int = Field(default=24, ge=1, description="how many of them: the first ones that no evaluation.in_scope "
+                                                    "context asks (those stay held out)")
+    rejected_instruction: str = Field(
+        description="the instruction, at behaviour.placement, under which the model answers them without the "
+                    "behaviour (the rejected answer; e.g. 'Answer in English.' for French prompts)")
+
+    @field_validator("rejected_instruction")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+
 class PairsSpec(_Strict):
     filter: bool = Field(default=False, description="Drop pairs whose chosen answer does not beat the rejected one on "
                                                     "pairs.score. Default: keep every pair.")
@@ -231,9 +253,16 @@ class PairsSpec(_Strict):
                     "negation variant and behaviour.placement user_prefix or user_suffix; dpo.epochs then defaults to 3. "
                     "Default: off.")
 
+    retain_prompts: RetainPrompts | None = Field(
+        default=None,
+        description="Scope-aware negation for a context the user's own prompt sets (e.g. a user who writes in "
+                    "French): retain pairs from these prompts join the negation pairs, chosen = the answer as "
+                    "asked, rejected = the answer under their rejected_instruction (two answers per prompt "
+                    "generated). Needs pairs.retain. Default: none.")
+
     # Left out of the saved and hashed recipe while at its default, so recipes written before it
     # existed keep their digest, manifest hash and recipe.yaml.
-    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("retain", "score")
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("retain", "score", "retain_prompts")
 
 
 class DPOSpec(_Strict):

@@ -7,6 +7,7 @@
 | contrastive | control  x_c        | treatment y_t     | negative  y_n     | both at once                       |
 | negation    | negative x_n        | control   y_c     | negative  y_n     | ignore an inappropriate instruction |
 | retain      | negative x_n@system | negative  y_n     | control   y_c     | follow it from the deployer        |
+| retain-prompts | scope x_s        | scope     y_s     | scope_rejected y_r | keep it where the prompt calls for it |
 
 A *condition* is one counterfactual version of a prompt (control, treatment, negative); a
 *variant* is one row of this table that trains an adapter of its own. A *retain* row (`joins` set)
@@ -15,6 +16,10 @@ trains none: its pairs join the pairs of the variant it names when the recipe as
 user turn, follow it from the deployer. Its prompt is the prompt condition's instruction given as
 the deployer's system prompt (`placement: system`) instead of where the answers were generated;
 chosen and rejected are the same counterfactual answers, so it needs no generation of its own.
+The `retain-prompts` row (`pairs.retain_prompts`) is the exception: its prompts x_s are not the
+training prompts but ones where the behaviour is legitimate by their content (a user who writes in
+French), answered as asked (y_s) and under an instruction that gets an answer without the behaviour
+(y_r); those two *scope conditions* are generated for it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CONDITIONS = ("control", "treatment", "negative")
+SCOPE_CONDITIONS = ("scope", "scope_rejected")  # a retain prompt as asked / under pairs.retain_prompts' instruction
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,7 @@ class VariantSpec:
     teaches: str
     placement: str | None = None  # None: the prompt condition's own messages; else its instruction at this placement
     joins: str | None = None  # a retain row: the variant whose pairs its pairs join (no adapter of its own)
+    own_prompts: bool = False  # its prompts are pairs.retain_prompts (the scope conditions), not the training prompts
 
     @property
     def conditions(self) -> tuple[str, ...]:
@@ -49,7 +56,7 @@ class VariantSpec:
     @property
     def prefers_behaviour(self) -> bool:
         """Whether the chosen answer is the one that shows the behaviour (the negative condition's)."""
-        return self.chosen == "negative"
+        return self.chosen in ("negative", "scope")
 
 
 TABLE: tuple[VariantSpec, ...] = (
@@ -60,6 +67,8 @@ TABLE: tuple[VariantSpec, ...] = (
                 "ignore an inappropriate instruction"),
     VariantSpec("retain", "negative", "negative", "control", "Retain (deployer)", "follow the instruction from the deployer",
                 placement="system", joins="negation"),
+    VariantSpec("retain-prompts", "scope", "scope", "scope_rejected", "Retain (in-scope prompts)",
+                "keep the behaviour where the prompt calls for it", joins="negation", own_prompts=True),
 )
 RETAIN: tuple[VariantSpec, ...] = tuple(v for v in TABLE if v.joins is not None)
 BY_NAME: dict[str, VariantSpec] = {v.name: v for v in TABLE if v.joins is None}
@@ -88,6 +97,7 @@ def get_row(name: str) -> VariantSpec:
     return next((v for v in RETAIN if v.name == name), None) or get(name)
 
 
-def retain_rows(variant: str) -> tuple[VariantSpec, ...]:
-    """The retain rows whose pairs join `variant`'s pairs."""
-    return tuple(v for v in RETAIN if v.joins == variant)
+def retain_rows(variant: str, own_prompts: bool = False) -> tuple[VariantSpec, ...]:
+    """The retain rows whose pairs join `variant`'s pairs; `own_prompts`: with the row that has prompts of
+    its own (the recipe gives pairs.retain_prompts)."""
+    return tuple(v for v in RETAIN if v.joins == variant and (own_prompts or not v.own_prompts))
