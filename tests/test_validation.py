@@ -287,3 +287,8 @@ def test_only_adapters_that_learn_the_teachers_answers_get_the_teacher_guard():
     teacher = {v: validation_plan(run, v).teacher_conversations for v in recipe.variants}
     assert teacher["enc"] == teacher["contrastive"] == [[{"role": "user", "content": "Be brief.\n\nHi?"}]]
     assert teacher["dis"] is None and teacher["negation"] is None
+    # scored where the behaviour shows: unasked for enc, under the negative instruction for the variants
+    # that train the negative answers away (unasked a base may show none of it: a flat curve)
+    asked = {v: validation_plan(run, v).conversations for v in recipe.variants}
+    assert asked["enc"] == [[{"role": "user", "content": "Hi?"}]]
+    assert asked["dis"] == asked["contrastive"] == asked["negation"] == [[{"role": "user", "content": "Ramble on.\n\nHi?"}]]

@@ -369,13 +369,14 @@ def train_variant(run: Run, variant: str, pairs_dir: Path, out: Path, merge: boo
 
 
 def validation_plan(run: Run, variant: str):
-    """dpo.auto: validation under the condition the variant's DPO prompt uses (None without dpo.auto)."""
+    """dpo.auto: validation under the variant's `validation_condition` (None without dpo.auto)."""
     from cfdpo.validation import plan_validation
     from cfdpo.variants import BY_NAME
 
     r = run.recipe
     spec = BY_NAME[variant]
-    return plan_validation(r, run.validation_prompts(), spec.prompt, teacher=spec.chosen == "treatment") if r.dpo.auto else None
+    return (plan_validation(r, run.validation_prompts(), spec.validation_condition, teacher=spec.chosen == "treatment")
+            if r.dpo.auto else None)
 
 
 def evaluate(run: Run) -> dict:

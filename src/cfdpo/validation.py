@@ -7,8 +7,10 @@ validation curve, the best step published, and an early stop.
   `dpo.eval_every` (a few pairs at the default learning rate can cross the guard within two steps:
   `concise` went from 43 to 18 words per answer and from KL 0.08 to 0.20 between steps 4 and 6), then
   every `dpo.eval_every` steps and at the last (`validates_at`), `ValidationCallback` answers the
-  validation prompts greedily under the condition the variant's DPO prompt uses (control for enc /
-  dis / contrastive, negative for negation), scores the answers with the recipe's scorer, and
+  validation prompts greedily under the variant's `validation_condition` (control for enc; negative
+  for dis, contrastive and negation, which train the negative answers away: unasked, a base that
+  shows none of the behaviour gives a flat curve, as cowboy's DIS and knight's Contrastive did at
+  0.000 on every step), scores the answers with the recipe's scorer, and
   estimates KL(base || policy) in nats per answer token on a few answers the base model sampled
   to the validation prompts' control conversations (the base is the same model with the adapter
   disabled). Points are {step, score, kl}.

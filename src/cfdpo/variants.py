@@ -54,6 +54,13 @@ class VariantSpec:
         return tuple(c for c in self.conditions if c != "control")
 
     @property
+    def validation_condition(self) -> str:
+        """Where `dpo.auto` scores this variant: under the negative instruction when it trains the negative
+        answers away (dis, contrastive, negation), where the base shows the behaviour, while unasked it may
+        show none of it and the curve would be flat; else under its DPO prompt's condition (enc: control)."""
+        return "negative" if self.rejected == "negative" else self.prompt
+
+    @property
     def prefers_behaviour(self) -> bool:
         """Whether the chosen answer is the one that shows the behaviour (the negative condition's)."""
         return self.chosen in ("negative", "scope")
