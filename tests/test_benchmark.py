@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -308,7 +309,7 @@ def test_benchmark_end_to_end_tiny_model(tiny_model, tmp_path):
     concise = write_recipe(tmp_path / "concise.yaml", concise)
     out, docs = tmp_path / "bench", tmp_path / "docs"
     args = ["benchmark", str(pirate), str(concise), "--seeds", "2", "--out", str(out), "--docs", str(docs),
-            "--samples", "2", "--pair-quality", "pirate:negation"]
+            "--samples", "2", "--pair-quality", "pirate:negation", "--set", "dpo.beta=0.2"]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     text = (docs / "RESULTS.md").read_text()
@@ -328,6 +329,7 @@ def test_benchmark_end_to_end_tiny_model(tiny_model, tmp_path):
         if r["config"] == "plain":
             assert set(models) == {"base", "prompted", "sft", r["recipe_data"]["variants"][0], "multi"}
         assert r["recipe_data"]["prompts"]["seed"] == 1 and r["recipe_data"]["dpo"]["seed"] == r["seed"]
+        assert r["recipe_data"]["dpo"]["beta"] == 0.2  # --set reaches every run of every config
     # the held-out prompts are the same for every seed; greedy base answers are shared, not regenerated
     ids = {tuple(r["metrics"]["eval_prompt_ids"]) for r in res["runs"] if r["recipe"] == "pirate"}
     assert len(ids) == 1
@@ -347,6 +349,11 @@ def test_benchmark_end_to_end_tiny_model(tiny_model, tmp_path):
     assert (out / "pirate" / "seed1" / "metrics.json").read_bytes() == metrics_before
     rerun = json.loads((out / "results.json").read_text())
     assert len(rerun["runs"]) == len(res["runs"]) and rerun.get("skipped") == res.get("skipped")
+    # a changed evaluation setting re-evaluates every run in place, on the same adapters
+    assert main([*args, "--set", "evaluation.kl_prompts=2"]) == 0
+    assert {q: q.stat().st_mtime_ns for q in out.rglob("adapter_model.safetensors")} == stamps
+    again = json.loads((out / "results.json").read_text())
+    assert {r["metrics"]["scorecard"]["kl_prompts"] for r in again["runs"]} == {2} and len(again["runs"]) == len(res["runs"])
     # regenerating RESULTS.md keeps a hand-written discussion
     (docs / "RESULTS.md").write_text(text + "\n## Discussion\n\nkept\n")
     write_results(res, Plan({}, 2, out, docs))
@@ -389,6 +396,32 @@ def test_plan_picks_default_given_or_none():
         plan(None, None, ["pirate:dis", "pirate:negation"])
     with pytest.raises(CfdpoError, match="--methods 'pirate:enc': expected RECIPE:VARIANT with a variant of pirate"):
         plan(None, None, ["pirate:enc"])
+
+
+def test_set_changes_every_run_of_every_recipe_and_bad_settings_are_one_line_errors():
+    from cfdpo.benchmark.aggregate import CONFIGS
+    from cfdpo.benchmark.plan import Sizes, derive, make_plan
+    from cfdpo.cli import recipe_path
+    from cfdpo.recipe import load_recipe, parse_recipe
+
+    def plan(*settings):
+        return make_plan([recipe_path("pirate"), recipe_path("names")], 1, Path("out"), Path("docs"), Sizes(),
+                         ["none"], ["none"], "", None, None, list(settings))
+
+    p = plan("dpo.auto=true", "dpo.learning_rate=0.0002", "evaluation.subset_size=4")
+    assert p.settings == {"dpo": {"auto": True, "learning_rate": 0.0002}, "evaluation": {"subset_size": 4}}
+    pirate = load_recipe(recipe_path("pirate"))
+    plain = parse_recipe(derive(pirate, 1, Sizes(), False, settings=p.settings), "x")
+    assert (plain.dpo.auto, plain.dpo.learning_rate, plain.evaluation.subset_size, plain.dpo.seed) == (True, 0.0002, 4, 1)
+    rounds = parse_recipe(derive(pirate, 0, Sizes(), False, CONFIGS["rounds"], ["negation"], settings=p.settings), "x")
+    assert rounds.dpo.auto and rounds.dpo.rounds == CONFIGS["rounds"]["dpo"]["rounds"]  # the config's own on top
+    assert derive(pirate, 0, Sizes(), False) == derive(pirate, 0, Sizes(), False, settings=plan().settings)
+    for bad, message in (("dpo.auto", "expected SECTION.FIELD=VALUE"), ("auto=true", "expected SECTION.FIELD=VALUE"),
+                         ("dpo.auto=[", "VALUE is not valid YAML"), ("model.x=1", "'model' is not a recipe section"),
+                         ("dpo.autox=true", "dpo.autox"), ("dpo.learning_rate=-1", "dpo.learning_rate")):
+        with pytest.raises(CfdpoError, match=re.escape(message)) as err:
+            plan(bad)
+        assert "\n" not in str(err.value)
 
 
 @pytest.mark.slow

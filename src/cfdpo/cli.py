@@ -253,6 +253,8 @@ def benchmark(
                                                            "self-reward pairs and 3 on-policy rounds beside plain DPO (default: none)"),
     targets: Optional[Path] = typer.Option(None, help="target rules (YAML) for RESULTS.md's Targets table, format in src/cfdpo/benchmark/targets.py "
                                                       "(default: ./bench/targets.yaml when it exists, as in the cfdpo repository; else none)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="SECTION.FIELD=VALUE for every recipe of every run, VALUE "
+                                                                 "read as YAML (e.g. dpo.auto=true); repeatable"),
 ):
     """Run every recipe for several seeds (+ pair-quality, method and multi-behaviour runs) and write docs/RESULTS.md."""
     import shlex
@@ -264,7 +266,7 @@ def benchmark(
 
     command = "cfdpo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] else ""
     plan = make_plan([recipe_path(r) for r in recipes], seeds, out, docs, Sizes(train_size, eval_size, samples, mcq_items),
-                     pair_quality, multi, command, targets, methods)
+                     pair_quality, multi, command, targets, methods, set_)
     out.mkdir(parents=True, exist_ok=True)
     with on_main(lambda: hold(out)):  # one benchmark per --out
         run_benchmark(plan)

@@ -6,9 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from cfdpo.benchmark.targets import Targets, load_targets
 from cfdpo.errors import CfdpoError
-from cfdpo.recipe import Recipe, load_recipe
+from cfdpo.recipe import Recipe, load_recipe, parse_recipe
 
 REPO_TARGETS = Path("bench") / "targets.yaml"  # the cfdpo repository's rules, used when run from its root
 
@@ -33,6 +35,7 @@ class Plan:
     command: str = ""
     targets: Targets = field(default_factory=Targets)
     methods: list[tuple[str, str]] = field(default_factory=list)  # (recipe name, variant): steering, self, rounds
+    settings: dict[str, dict] = field(default_factory=dict)  # --set: {section: {field: value}} for every recipe
 
 
 def parse_pick(value: str, recipes: dict[str, Recipe], what: str) -> tuple[str, str]:
@@ -46,11 +49,32 @@ def parse_pick(value: str, recipes: dict[str, Recipe], what: str) -> tuple[str, 
     return name, variant
 
 
+def parse_settings(values: list[str] | None) -> dict[str, dict]:
+    """--set SECTION.FIELD=VALUE (VALUE read as YAML: true, 0.0002, [a, b]) -> {section: {field: value}}."""
+    settings: dict[str, dict] = {}
+    for value in values or []:
+        key, eq, raw = value.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not (eq and dot and section and name):
+            raise CfdpoError(f"--set '{value}': expected SECTION.FIELD=VALUE, e.g. dpo.auto=true")
+        try:
+            settings.setdefault(section, {})[name] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise CfdpoError(f"--set '{value}': VALUE is not valid YAML") from None
+    return settings
+
+
 def derive(recipe: Recipe, seed: int, sizes: Sizes, pair_quality: bool, overrides: dict | None = None,
-           variants: list[str] | None = None, steering: bool = False) -> dict:
-    """The recipe as the benchmark runs it for one seed (a plain dict, ready for YAML): `overrides` are a
-    config's section updates ({"pairs": {...}, "dpo": {...}}); `steering` adds the steering baseline."""
+           variants: list[str] | None = None, steering: bool = False, settings: dict | None = None) -> dict:
+    """The recipe as the benchmark runs it for one seed (a plain dict, ready for YAML): `settings` are the
+    --set section updates of every run, `overrides` a config's ({"pairs": {...}, "dpo": {...}}, applied
+    after them); `steering` adds the steering baseline."""
     d = recipe.model_dump(mode="json")
+    for section, values in (settings or {}).items():
+        if not isinstance(d.get(section), dict):
+            raise CfdpoError(f"--set {section}.*: '{section}' is not a recipe section with fields; expected one of "
+                             f"{', '.join(k for k, v in d.items() if isinstance(v, dict))}")
+        d[section].update(values)
     d["generation"]["seed"] = seed
     d["dpo"]["seed"] = seed
     d["evaluation"]["mcq"] = True
@@ -86,14 +110,18 @@ def picks(given: list[str] | None, default: list[str]) -> list[str]:
 
 def make_plan(recipe_paths: list[Path], seeds: int, out: Path, docs: Path, sizes: Sizes,
               pair_quality: list[str] | None, multi: list[str] | None, command: str,
-              targets: Path | None = None, methods: list[str] | None = None) -> Plan:
-    """`targets` None: the repository's bench/targets.yaml when the current directory has one, else no targets."""
+              targets: Path | None = None, methods: list[str] | None = None, settings: list[str] | None = None) -> Plan:
+    """`targets` None: the repository's bench/targets.yaml when the current directory has one, else no targets.
+    `settings`: --set SECTION.FIELD=VALUE for every run (checked on every recipe here)."""
     if seeds < 1:
         raise CfdpoError("--seeds: expected 1 or more")
+    sets = parse_settings(settings)
     recipes: dict[str, Recipe] = {}
     paths: dict[str, Path] = {}
     for p in recipe_paths:
         r = load_recipe(p)
+        if sets:
+            r = parse_recipe(derive(r, 0, sizes, False, settings=sets), f"{p} with --set")
         if r.behaviour.name in recipes:
             raise CfdpoError(f"{p}: behaviour '{r.behaviour.name}' is already in this benchmark; names must differ")
         recipes[r.behaviour.name] = r
@@ -110,4 +138,4 @@ def make_plan(recipe_paths: list[Path], seeds: int, out: Path, docs: Path, sizes
     if targets is None and REPO_TARGETS.is_file():
         targets = REPO_TARGETS
     rules = load_targets(targets) if targets is not None else Targets()
-    return Plan(paths, seeds, out, docs, sizes, pq, mu, command, rules, me)
+    return Plan(paths, seeds, out, docs, sizes, pq, mu, command, rules, me, sets)
