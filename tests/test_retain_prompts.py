@@ -99,6 +99,15 @@ def test_scope_aware_negation_with_retain_prompts_mixes_all_three_kinds(tmp_path
     assert sorted(p["kind"] for p in load_pairs(tmp_path / "pairs" / "negation").to_list()) == (
         ["negation"] * 8 + ["retain"] * 8 + ["retain-prompts"] * 10)
     assert recipe(retain_prompts=None).to_data()["pairs"] == {"filter": False, "best_of_k": False, "retain": True}
+    # without pairs.filter too, a retain-prompts pair whose rejected instruction did not take is dropped
+    untaken = {row["prompt_id"] for row in answered(r) if row["condition"] == "scope"}
+    untaken = set(sorted(untaken)[:2])
+    rows = [{**row, "answer": row["answer"].replace("hello", "bonjour bonjour")} if row["prompt_id"] in untaken and
+            row["condition"] == "scope_rejected" else row for row in answered(r)]
+    answers_path(tmp_path).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    kept = pipeline.build_pairs(pipeline.Run(tmp_path, r))["negation"]["kinds"]
+    assert kept["retain-prompts"]["count"] == 6 and kept["retain-prompts"]["candidates"] == 10
+    assert kept["negation"]["count"] == 8  # the other kinds stay unfiltered
 
 
 @pytest.mark.parametrize("changes,message", [

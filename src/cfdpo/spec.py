@@ -258,7 +258,8 @@ class PairsSpec(_Strict):
         description="Scope-aware negation for a context the user's own prompt sets (e.g. a user who writes in "
                     "French): retain pairs from these prompts join the negation pairs, chosen = the answer as "
                     "asked, rejected = the answer under their rejected_instruction (two answers per prompt "
-                    "generated). Needs pairs.retain. Default: none.")
+                    "generated), each kept only where the scorer finds less of the behaviour in the rejected "
+                    "answer (the instruction may not take). Needs pairs.retain. Default: none.")
 
     # Left out of the saved and hashed recipe while at its default, so recipes written before it
     # existed keep their digest, manifest hash and recipe.yaml.
