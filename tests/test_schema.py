@@ -45,7 +45,7 @@ def _key_paths(data: dict, prefix: str = "") -> set[str]:
 def test_schema_describes_every_field(capsys):
     schema = json.loads(_stdout(capsys, ["recipe", "--schema"]))
     sections = [schema, *schema["$defs"].values()]
-    assert len(sections) == 12  # the recipe and its 11 section models
+    assert len(sections) == 13  # the recipe and its 12 section models
     undocumented = [name for s in sections for name, prop in s["properties"].items() if not prop.get("description")]
     assert undocumented == []
     assert set(schema["required"]) == {"behaviour", "variants"}
@@ -55,9 +55,10 @@ def test_template_lists_every_field_with_its_description_and_default(capsys):
     text = _stdout(capsys, ["recipe"])
     template = yaml.safe_load(text)
     fields = _fields()
-    lm_eval = {p for p in fields if p.startswith("evaluation.lm_eval")}
-    assert _key_paths(template) == set(fields) - lm_eval
+    off = {p for p in fields if p.startswith(("evaluation.lm_eval", "pairs.retain_prompts"))}
+    assert _key_paths(template) == set(fields) - off
     assert "  # lm_eval:\n  #   # lm-eval task names" in text  # off by default: shown commented out
+    assert "  # retain_prompts:\n  #   # builtin set name" in text
     for path, field in fields.items():
         assert f"# {field.description}\n" in text, path
     filled = template | {"variants": REQUIRED["variants"]}
