@@ -13,7 +13,7 @@ from conftest import tiny_recipe, write_recipe
 from cfdpo import variants as variant_table
 from cfdpo.benchmark.aggregate import mean_std, t975, t_interval
 from cfdpo.benchmark.plan import Plan
-from cfdpo.benchmark.runner import ResultsStore, union_pairs
+from cfdpo.benchmark.runner import ResultsStore, _key, union_pairs
 from cfdpo.benchmark.tables import fmt_ms, render_results, scorecard_table, write_results
 from cfdpo.benchmark.targets import load_targets, target_rows
 from cfdpo.errors import CfdpoError
@@ -289,6 +289,7 @@ def test_results_store_records_runs_and_skips_with_reasons(tmp_path):
     # a recipe changed in evaluation settings only made the evaluate stage due again (manifest.evaluation_changed)
     (run_dir / "manifest.json").write_text(json.dumps({"stages": {"train": {}}}))
     assert again.finished("concise", "plain", 0, run_dir, {"enc"}) is None
+    assert again.earlier("concise", "plain", 0) == 20.0 and again.earlier("concise", "plain", 1) == 0.0  # kept when re-run
     (run_dir / "manifest.json").write_text(json.dumps({"stages": {"train": {}, "evaluate": {}}}))
     assert again.finished("concise", "plain", 0, run_dir, {"enc"}) == 20.0
     assert again.results["runs"] == []
@@ -354,6 +355,8 @@ def test_benchmark_end_to_end_tiny_model(tiny_model, tmp_path):
     assert {q: q.stat().st_mtime_ns for q in out.rglob("adapter_model.safetensors")} == stamps
     again = json.loads((out / "results.json").read_text())
     assert {r["metrics"]["scorecard"]["kl_prompts"] for r in again["runs"]} == {2} and len(again["runs"]) == len(res["runs"])
+    took = {_key(r): r["seconds"] for r in res["runs"]}
+    assert all(r["seconds"] >= took[_key(r)] for r in again["runs"])  # the earlier wall time is kept, not replaced
     # regenerating RESULTS.md keeps a hand-written discussion
     (docs / "RESULTS.md").write_text(text + "\n## Discussion\n\nkept\n")
     write_results(res, Plan({}, 2, out, docs))

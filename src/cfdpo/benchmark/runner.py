@@ -65,6 +65,11 @@ class ResultsStore:
             return None
         if manifest.is_file() and "evaluate" not in read_json(manifest).get("stages", {}):
             return None
+        return self.earlier(recipe, config, seed)
+
+    def earlier(self, recipe: str, config: str, seed: int) -> float:
+        """The seconds an earlier invocation recorded for this run (0 if none): a run picked up again, to be
+        re-evaluated or to add a model, costs its earlier time plus this invocation's."""
         return next((r["seconds"] for r in self.previous if _key(r) == (recipe, config, seed)), 0.0)
 
     def record(self, recipe: str, config: str, seed: int, run, seconds: float) -> None:
@@ -166,7 +171,7 @@ def run_benchmark(plan: Plan) -> dict:
                     store.skip(name, "plain", seed, str(e))
                     continue
             plain_runs[name] = run
-            store.record(name, "plain", seed, run, time.perf_counter() - t0 + (old or 0.0))
+            store.record(name, "plain", seed, run, time.perf_counter() - t0 + store.earlier(name, "plain", seed))
             for config, variant in extra.get(name, {}).items():
                 t0 = time.perf_counter()
                 qdir = plan.out / name / f"seed{seed}-{config}"
@@ -187,7 +192,7 @@ def run_benchmark(plan: Plan) -> dict:
                     pipeline.train(qrun)
                     pipeline.evaluate(qrun)
                     pipeline.report(qrun)
-                store.record(name, config, seed, qrun, time.perf_counter() - t0 + (old or 0.0))
+                store.record(name, config, seed, qrun, time.perf_counter() - t0 + store.earlier(name, config, seed))
             # the multi-behaviour adapter as soon as its recipes' pairs exist
             if not multi_done and len(plan.multi) >= 2 and all(n in plain_runs for n, _ in plan.multi):
                 multi_done = True
