@@ -99,6 +99,22 @@ def test_default_validation_takes_what_the_set_has_left_and_an_explicit_size_mus
         validation_split(rows, 8, 2, 3)
 
 
+def test_extra_held_out_prompts_follow_validation_and_leave_every_split_unchanged():
+    from cfdpo.prompts import extra_held_out, validation_split
+
+    ps = load_prompts("general")
+    train, held_out = split(ps, 100, 50, seed=3)
+    val = validation_split(ps, 100, 50, 8, seed=3)
+    extra = extra_held_out(list(reversed(ps)), 100, 50, len(val), 76, seed=3)
+    assert len(extra) == len({p["id"] for p in extra}) == 76
+    assert not {p["id"] for p in extra} & {p["id"] for p in train + held_out + val}
+    assert [p["id"] for p in extra][:10] == [p["id"] for p in extra_held_out(ps, 100, 50, 8, 10, seed=3)]
+    assert split(ps, 100, 50, seed=3) == (train, held_out)
+    with pytest.raises(CfdpoError, match=r"^evaluation.extra_prompts: .* = 340 but the set has only 339 prompts; "
+                                         r"expected at most 181$"):
+        extra_held_out(ps, 100, 50, 8, 182, seed=3)
+
+
 def test_validation_size_must_be_smaller_than_train_size():
     from cfdpo.recipe import parse_recipe
 

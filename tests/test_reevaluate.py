@@ -44,3 +44,27 @@ def test_changed_evaluation_settings_re_evaluate_the_run_and_keep_what_was_train
     assert main(["evaluate", str(run), "--recipe", str(write_recipe(tmp_path / "longer.yaml", data))]) == 2
     assert "differs in: evaluation.max_new_tokens" in capsys.readouterr().err
     assert files_under(run) == before
+
+
+def test_extra_prompts_grow_the_held_out_set_in_place_and_too_many_are_refused(tiny_model, tmp_path, capsys):
+    data = tiny_recipe(tiny_model, variants=["dis"], prompts={"source": "general", "train_size": 4, "eval_size": 2})
+    run = tmp_path / "run"
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", data)), "--out", str(run)]) == 0
+    before = json.loads((run / "metrics.json").read_text())
+    adapters = files_under(run / "adapters")
+
+    data["evaluation"].update(extra_prompts=3, subset_size=4)
+    assert main(["run", str(write_recipe(tmp_path / "more.yaml", data)), "--out", str(run)]) == 0
+    after = json.loads((run / "metrics.json").read_text())
+    assert after["n_eval_prompts"] == 5 and after["eval_prompt_ids"][:2] == before["eval_prompt_ids"]
+    train_ids = {json.loads(line)["prompt_id"] for line in (run / "answers.jsonl").read_text().splitlines()}
+    assert not set(after["eval_prompt_ids"]) & train_ids
+    conditions = after["models"]["dis"]["conditions"]
+    assert conditions["control"]["n"] == 5 and conditions["negative"]["n"] == 5
+    assert files_under(run / "adapters") == adapters
+
+    data["evaluation"]["extra_prompts"] = 400
+    saved = files_under(run)
+    assert main(["run", str(write_recipe(tmp_path / "huge.yaml", data)), "--out", str(run)]) == 2
+    assert "evaluation.extra_prompts: " in capsys.readouterr().err
+    assert files_under(run) == saved

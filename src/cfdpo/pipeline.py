@@ -59,6 +59,18 @@ class Run:
         p = self.recipe.prompts
         return split(load_prompts(p.source, p.column), p.train_size, p.eval_size, p.seed)
 
+    def held_out(self) -> list[dict]:
+        """The prompts evaluation scores: the eval split, then `evaluation.extra_prompts` more after the
+        training and validation prompts (see `prompts.extra_held_out`)."""
+        from cfdpo.prompts import extra_held_out, load_prompts
+
+        p, extra = self.recipe.prompts, self.recipe.evaluation.extra_prompts
+        _, held_out = self.split()
+        if not extra:
+            return held_out
+        rows = load_prompts(p.source, p.column)
+        return held_out + extra_held_out(rows, p.train_size, p.eval_size, len(self.validation_prompts()), extra, p.seed)
+
     def validation_prompts(self) -> list[dict]:
         """The prompts dpo.auto validates on (disjoint from both splits; see `prompts.validation_split`)."""
         from cfdpo.prompts import load_prompts, validation_split
@@ -140,6 +152,7 @@ def _open_run(run_dir: str | Path, recipe_path: str | Path | None, trust_remote_
     run = Run(d, recipe.model_copy(update={"trust_remote_code": bool(trust_remote_code)}))
     run.split()  # the prompt file and the split sizes are valid
     run.validation_prompts()
+    run.held_out()
     run.retain_prompts()
     from cfdpo.models import check_available
 
@@ -393,9 +406,8 @@ def _evaluate(run: Run) -> dict:
     from cfdpo.runtime import set_threads
 
     set_threads()
-    _, held_out = run.split()
     check_adapters(run.dir / "adapters")
-    metrics = evaluate_run(run.dir, run.recipe, run.model_path, held_out, run.validation_prompts())
+    metrics = evaluate_run(run.dir, run.recipe, run.model_path, run.held_out(), run.validation_prompts())
     _done(run, "evaluate")
     tracking.log_results(run.dir, run.recipe.tracking)
     return metrics

@@ -1,7 +1,8 @@
 """Prompt sets: builtin sets shipped in the package, or a user's JSONL / CSV / parquet file.
 
-Every prompt gets a stable id; `split()` makes a deterministic train / eval split with no overlap, and
-`validation_split()` the validation prompts after the training ones.
+Every prompt gets a stable id; `split()` makes a deterministic train / eval split with no overlap,
+`validation_split()` the validation prompts after the training ones, and `extra_held_out()` further
+evaluation prompts after those (one seeded order: eval | train | validation | extra).
 """
 
 from __future__ import annotations
@@ -137,6 +138,20 @@ def validation_split(prompts: list[dict], train_size: int, eval_size: int, valid
             f"set has only {len(prompts)} prompts; expected at most {max(0, len(prompts) - start)}"
         )
     return _shuffled(prompts, seed)[start : start + validation_size]
+
+
+def extra_held_out(prompts: list[dict], train_size: int, eval_size: int, validation_count: int, extra: int,
+                   seed: int = 0) -> list[dict]:
+    """`evaluation.extra_prompts`: the `extra` prompts after the eval, training and `validation_count`
+    validation prompts in `split`'s shuffle, so a run's held-out set grows without its training split
+    changing; more than the set has left is an error."""
+    start = eval_size + train_size + validation_count
+    if start + extra > len(prompts):
+        raise CfdpoError(
+            f"evaluation.extra_prompts: eval_size + train_size + {validation_count} validation prompts + extra_prompts "
+            f"= {start + extra} but the set has only {len(prompts)} prompts; expected at most {max(0, len(prompts) - start)}"
+        )
+    return _shuffled(prompts, seed)[start : start + extra]
 
 
 def scope_prompts(prompts: list[dict], held_out: set[str], size: int, where: str) -> list[dict]:

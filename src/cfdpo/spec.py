@@ -417,10 +417,17 @@ class EvalSpec(_Strict):
         default_factory=list, description="contexts where the behaviour is legitimate and must be kept (retention vs base)")
     samples_per_prompt: int = Field(
         default=0, ge=0, description="sampled answers per prompt at generation.temperature, besides the greedy one")
+    extra_prompts: int = Field(
+        default=0, ge=0,
+        description="held-out prompts evaluated besides the eval split: the next ones of the prompt shuffle after the "
+                    "training and validation prompts, never trained or validated on. The held-out set grows while "
+                    "the training split stays as it is, so a finished run can be re-evaluated in place on more "
+                    "prompts. The control and trained-instruction conditions use all of them; the other conditions "
+                    "the first subset_size.")
     subset_size: int = Field(
         default=40, ge=1,
-        description="prompts the paraphrase, placement and in-scope conditions use: the first N of the eval split "
-                    "(all of it when smaller)")
+        description="prompts the paraphrase, placement and in-scope conditions use: the first N of the held-out "
+                    "prompts (the eval split, then extra_prompts; all of them when fewer)")
     kl_prompts: int = Field(default=16, ge=0, description="prompts on which KL(base || model) is estimated (0: no KL)")
     kl_source: str = Field(
         default="general", min_length=1,
@@ -439,7 +446,7 @@ class EvalSpec(_Strict):
     # written before they existed keep their digest, manifest hash and recipe.yaml.
     OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = (
         "negative_paraphrases", "treatment_paraphrases", "placements", "in_scope", "samples_per_prompt",
-        "subset_size", "kl_prompts", "kl_source", "baselines", "steering",
+        "subset_size", "kl_prompts", "kl_source", "baselines", "steering", "extra_prompts",
     )
 
     @field_validator("negative_paraphrases", "treatment_paraphrases")

@@ -100,7 +100,7 @@ def methods_lines(results: dict, picks: list[tuple[str, str]]) -> list[str]:
 
 
 def sizes_lines(results: dict) -> list[str]:
-    head = ["recipe", "config", "train prompts", "held-out prompts", "samples/condition", "gen tokens", "variants",
+    head = ["recipe", "config", "train prompts", "held-out prompts (other conditions)", "samples/condition", "gen tokens", "variants",
             "DPO epochs × lr × batch", "MCQ items", "seconds/seed"]
     rows = []
     seen = set()
@@ -111,7 +111,9 @@ def sizes_lines(results: dict) -> list[str]:
         seen.add(key)
         d = r["recipe_data"]
         secs = [x["seconds"] for x in runs_of(results, *key)]
-        rows.append([r["recipe"], r["config"], f"{d['prompts']['train_size']}", f"{d['prompts']['eval_size']}",
+        held_out = d["prompts"]["eval_size"] + d["evaluation"].get("extra_prompts", 0)
+        subset = min(held_out, d["evaluation"].get("subset_size", held_out))
+        rows.append([r["recipe"], r["config"], f"{d['prompts']['train_size']}", f"{held_out} ({subset})",
                      f"{d['generation']['samples']}", f"{d['generation']['max_new_tokens']}", ", ".join(d["variants"]),
                      f"{d['dpo']['epochs']} × {d['dpo']['learning_rate']} × {d['dpo']['batch_size']}",
                      f"{d['evaluation']['mcq_items']}", f"{sum(secs) / len(secs):.0f}"])
