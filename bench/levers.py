@@ -65,7 +65,7 @@ def lever_row(name: str, metrics: dict) -> list[str]:
     head = "control" if variant == "enc" or "negative" not in cond else "negative"
     score = cond[head]
     way = ""
-    teacher = models.get("prompted", {}).get("conditions", {}).get("treatment" if head == "control" else "")
+    teacher = models.get("prompted", {}).get("conditions", {}).get(head)  # the base model given the treatment too
     if variant in ("enc", "contrastive") and teacher and teacher["score"] != base[head]["score"]:
         way = f"{100 * (score['score'] - base[head]['score']) / (teacher['score'] - base[head]['score']):.0f} %"
     para, para_base = _pooled(cond, "paraphrase"), _pooled(base, "paraphrase")
