@@ -13,7 +13,7 @@ the benchmark's plain row only in the settings given. ROOT defaults to runs/leve
 `--table` prints, per RUN_DIR, a markdown table: the plain run, then every lever run of the same seed
 found under ROOT/<behaviour>/*/, with the trained variant's headline score (unasked for enc, under the
 negative instruction otherwise) and its 95 % interval, the share of the way from base to the prompted
-teacher (enc, contrastive), the held-out paraphrases pooled and the in-scope contexts' scores (base's beside
+teacher (unasked) or the score as a share of base's (under the negative instruction), the held-out paraphrases pooled and the in-scope contexts' scores (base's beside
 each) and KL per answer token.
 """
 
@@ -64,10 +64,12 @@ def lever_row(name: str, metrics: dict) -> list[str]:
     cond, base = models[variant]["conditions"], models["base"]["conditions"]
     head = "control" if variant == "enc" or "negative" not in cond else "negative"
     score = cond[head]
-    way = ""
     teacher = models.get("prompted", {}).get("conditions", {}).get(head)  # the base model given the treatment too
-    if variant in ("enc", "contrastive") and teacher and teacher["score"] != base[head]["score"]:
-        way = f"{100 * (score['score'] - base[head]['score']) / (teacher['score'] - base[head]['score']):.0f} %"
+    b = base[head]["score"]
+    if head == "control" and teacher and teacher["score"] != b:
+        way = f"{100 * (score['score'] - b) / (teacher['score'] - b):.0f} % of the way"
+    else:
+        way = f"{100 * score['score'] / b:.0f} % of base's" if b else ""
     para, para_base = _pooled(cond, "paraphrase"), _pooled(base, "paraphrase")
     in_scope = [(c["score"], base[k]["score"]) for k, c in cond.items() if c["kind"] == "in_scope"]
     cap = models[variant]["capability"]
@@ -83,7 +85,7 @@ def table(src: Path, root: Path) -> list[str]:
     rows = [lever_row("plain", metrics)]
     for run in sorted((root / behaviour).glob(f"*/{src.name}/metrics.json")):
         rows.append(lever_row(run.parent.parent.name, json.loads(run.read_text())))
-    head = ["lever", "score", "of the way", "held-out paraphrases (base)", "in scope (base)", "KL / answer token"]
+    head = ["lever", "score", "to the teacher / of base", "held-out paraphrases (base)", "in scope (base)", "KL / answer token"]
     lines = [f"{behaviour}, {src.name}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 

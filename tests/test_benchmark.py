@@ -412,16 +412,25 @@ def test_set_changes_every_run_of_every_recipe_and_bad_settings_are_one_line_err
                          ["none"], ["none"], "", None, None, list(settings))
 
     p = plan("dpo.auto=true", "dpo.learning_rate=0.0002", "evaluation.subset_size=4")
-    assert p.settings == {"dpo": {"auto": True, "learning_rate": 0.0002}, "evaluation": {"subset_size": 4}}
+    assert p.settings_for("pirate") == {"dpo": {"auto": True, "learning_rate": 0.0002}, "evaluation": {"subset_size": 4}}
     pirate = load_recipe(recipe_path("pirate"))
-    plain = parse_recipe(derive(pirate, 1, Sizes(), False, settings=p.settings), "x")
+    plain = parse_recipe(derive(pirate, 1, Sizes(), False, settings=p.settings_for("pirate")), "x")
     assert (plain.dpo.auto, plain.dpo.learning_rate, plain.evaluation.subset_size, plain.dpo.seed) == (True, 0.0002, 4, 1)
-    rounds = parse_recipe(derive(pirate, 0, Sizes(), False, CONFIGS["rounds"], ["negation"], settings=p.settings), "x")
+    rounds = parse_recipe(derive(pirate, 0, Sizes(), False, CONFIGS["rounds"], ["negation"],
+                                 settings=p.settings_for("pirate")), "x")
     assert rounds.dpo.auto and rounds.dpo.rounds == CONFIGS["rounds"]["dpo"]["rounds"]  # the config's own on top
-    assert derive(pirate, 0, Sizes(), False) == derive(pirate, 0, Sizes(), False, settings=plan().settings)
-    for bad, message in (("dpo.auto", "expected SECTION.FIELD=VALUE"), ("auto=true", "expected SECTION.FIELD=VALUE"),
+    assert derive(pirate, 0, Sizes(), False) == derive(pirate, 0, Sizes(), False, settings=plan().settings_for("pirate"))
+
+    # RECIPE: scopes a setting to one recipe, on top of the settings for every recipe
+    p = plan("evaluation.extra_prompts=76", "names:evaluation.extra_prompts=38", "names:dpo.beta=0.2")
+    assert p.settings_for("pirate") == {"evaluation": {"extra_prompts": 76}}
+    assert p.settings_for("names") == {"evaluation": {"extra_prompts": 38}, "dpo": {"beta": 0.2}}
+    for bad, message in (("dpo.auto", "expected [RECIPE:]SECTION.FIELD=VALUE"), ("auto=true", "expected [RECIPE:]SECTION"),
                          ("dpo.auto=[", "VALUE is not valid YAML"), ("model.x=1", "'model' is not a recipe section"),
-                         ("dpo.autox=true", "dpo.autox"), ("dpo.learning_rate=-1", "dpo.learning_rate")):
+                         ("dpo.autox=true", "dpo.autox"), ("dpo.learning_rate=-1", "dpo.learning_rate"),
+                         ("concise:dpo.auto=true", "--set 'concise:...': no recipe named 'concise' in this benchmark"),
+                         # names' prompt set (news, 118) cannot hold 76 more held-out prompts: refused before any run
+                         ("evaluation.extra_prompts=76", "= 156 but the set has only 118 prompts; expected at most 38")):
         with pytest.raises(CfdpoError, match=re.escape(message)) as err:
             plan(bad)
         assert "\n" not in str(err.value)

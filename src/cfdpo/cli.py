@@ -253,8 +253,9 @@ def benchmark(
                                                            "self-reward pairs and 3 on-policy rounds beside plain DPO (default: none)"),
     targets: Optional[Path] = typer.Option(None, help="target rules (YAML) for RESULTS.md's Targets table, format in src/cfdpo/benchmark/targets.py "
                                                       "(default: ./bench/targets.yaml when it exists, as in the cfdpo repository; else none)"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="SECTION.FIELD=VALUE for every recipe of every run, VALUE "
-                                                                 "read as YAML (e.g. dpo.auto=true); repeatable"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="[RECIPE:]SECTION.FIELD=VALUE for every run of every recipe "
+                                                                 "(of RECIPE only), VALUE read as YAML (e.g. dpo.auto=true, "
+                                                                 "names:evaluation.extra_prompts=38); repeatable"),
 ):
     """Run every recipe for several seeds (+ pair-quality, method and multi-behaviour runs) and write docs/RESULTS.md."""
     import shlex

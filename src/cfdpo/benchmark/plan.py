@@ -35,7 +35,15 @@ class Plan:
     command: str = ""
     targets: Targets = field(default_factory=Targets)
     methods: list[tuple[str, str]] = field(default_factory=list)  # (recipe name, variant): steering, self, rounds
-    settings: dict[str, dict] = field(default_factory=dict)  # --set: {section: {field: value}} for every recipe
+    settings: dict[str, dict] = field(default_factory=dict)  # --set: {recipe or "" (every recipe): {section: {field: value}}}
+
+    def settings_for(self, name: str) -> dict[str, dict]:
+        """The --set updates of recipe `name`: those for every recipe, then its own on top."""
+        return merge_settings(self.settings.get("", {}), self.settings.get(name, {}))
+
+
+def merge_settings(first: dict[str, dict], then: dict[str, dict]) -> dict[str, dict]:
+    return {section: {**first.get(section, {}), **then.get(section, {})} for section in {**first, **then}}
 
 
 def parse_pick(value: str, recipes: dict[str, Recipe], what: str) -> tuple[str, str]:
@@ -50,15 +58,17 @@ def parse_pick(value: str, recipes: dict[str, Recipe], what: str) -> tuple[str, 
 
 
 def parse_settings(values: list[str] | None) -> dict[str, dict]:
-    """--set SECTION.FIELD=VALUE (VALUE read as YAML: true, 0.0002, [a, b]) -> {section: {field: value}}."""
+    """--set [RECIPE:]SECTION.FIELD=VALUE (VALUE read as YAML: true, 0.0002, [a, b]) -> {recipe: {section:
+    {field: value}}}, recipe "" for a setting without RECIPE: (every recipe)."""
     settings: dict[str, dict] = {}
     for value in values or []:
         key, eq, raw = value.partition("=")
-        section, dot, name = key.strip().partition(".")
+        recipe, _, key = key.strip().rpartition(":")
+        section, dot, name = key.partition(".")
         if not (eq and dot and section and name):
-            raise CfdpoError(f"--set '{value}': expected SECTION.FIELD=VALUE, e.g. dpo.auto=true")
+            raise CfdpoError(f"--set '{value}': expected [RECIPE:]SECTION.FIELD=VALUE, e.g. dpo.auto=true")
         try:
-            settings.setdefault(section, {})[name] = yaml.safe_load(raw)
+            settings.setdefault(recipe, {}).setdefault(section, {})[name] = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise CfdpoError(f"--set '{value}': VALUE is not valid YAML") from None
     return settings
@@ -95,6 +105,15 @@ def derive(recipe: Recipe, seed: int, sizes: Sizes, pair_quality: bool, override
     return d
 
 
+def _check_splits(recipe: Recipe) -> None:
+    """The recipe's prompt set holds its eval, training, validation and extra held-out prompts."""
+    from cfdpo.pipeline import Run
+
+    run = Run(Path("."), recipe)
+    run.split()
+    run.held_out()
+
+
 def default_picks(names: list[str]) -> tuple[list[str], list[str]]:
     pq = [p for p in ("pirate:negation", "concise:enc") if p.split(":")[0] in names]
     multi = ["pirate:negation", "concise:enc"] if {"pirate", "concise"} <= set(names) else []
@@ -112,7 +131,8 @@ def make_plan(recipe_paths: list[Path], seeds: int, out: Path, docs: Path, sizes
               pair_quality: list[str] | None, multi: list[str] | None, command: str,
               targets: Path | None = None, methods: list[str] | None = None, settings: list[str] | None = None) -> Plan:
     """`targets` None: the repository's bench/targets.yaml when the current directory has one, else no targets.
-    `settings`: --set SECTION.FIELD=VALUE for every run (checked on every recipe here)."""
+    `settings`: --set [RECIPE:]SECTION.FIELD=VALUE for every run (of RECIPE), checked on every recipe here
+    together with the prompt splits they ask for, so a set too small fails now, not hours into the runs."""
     if seeds < 1:
         raise CfdpoError("--seeds: expected 1 or more")
     sets = parse_settings(settings)
@@ -120,12 +140,17 @@ def make_plan(recipe_paths: list[Path], seeds: int, out: Path, docs: Path, sizes
     paths: dict[str, Path] = {}
     for p in recipe_paths:
         r = load_recipe(p)
-        if sets:
-            r = parse_recipe(derive(r, 0, sizes, False, settings=sets), f"{p} with --set")
-        if r.behaviour.name in recipes:
-            raise CfdpoError(f"{p}: behaviour '{r.behaviour.name}' is already in this benchmark; names must differ")
-        recipes[r.behaviour.name] = r
-        paths[r.behaviour.name] = p
+        name = r.behaviour.name
+        if name in recipes:
+            raise CfdpoError(f"{p}: behaviour '{name}' is already in this benchmark; names must differ")
+        mine = merge_settings(sets.get("", {}), sets.get(name, {}))
+        r = parse_recipe(derive(r, 0, sizes, False, settings=mine), f"{p} with --set") if mine else r
+        _check_splits(r)
+        recipes[name] = r
+        paths[name] = p
+    unknown = sorted(set(sets) - {""} - set(recipes))
+    if unknown:
+        raise CfdpoError(f"--set '{unknown[0]}:...': no recipe named '{unknown[0]}' in this benchmark ({', '.join(recipes)})")
     dpq, dmulti = default_picks(list(recipes))
     pq = [parse_pick(v, recipes, "--pair-quality") for v in picks(pair_quality, dpq)]
     mu = [parse_pick(v, recipes, "--multi") for v in picks(multi, dmulti)]

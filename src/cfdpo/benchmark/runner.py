@@ -154,7 +154,8 @@ def run_benchmark(plan: Plan) -> dict:
         multi_done = False
         for name, recipe in recipes.items():
             t0 = time.perf_counter()
-            data = derive(recipe, seed, plan.sizes, name in sampled, steering=name in steered, settings=plan.settings)
+            data = derive(recipe, seed, plan.sizes, name in sampled, steering=name in steered,
+                           settings=plan.settings_for(name))
             run_dir = plan.out / name / f"seed{seed}"
             if seed > 0:
                 _copy_eval_cache(plan.out / name / "seed0", run_dir)
@@ -179,7 +180,8 @@ def run_benchmark(plan: Plan) -> dict:
                 if not (qdir / "answers.jsonl").exists():
                     shutil.copyfile(run_dir / "answers.jsonl", qdir / "answers.jsonl")
                 _copy_eval_cache(run_dir, qdir)
-                qdata = derive(recipe, seed, plan.sizes, name in sampled, CONFIGS[config], [variant], settings=plan.settings)
+                qdata = derive(recipe, seed, plan.sizes, name in sampled, CONFIGS[config], [variant],
+                              settings=plan.settings_for(name))
                 qrun = _open(plan, qdata, f"{name}-seed{seed}-{config}", qdir)
                 old = store.finished(name, config, seed, qdir, {variant})
                 if old is None:
