@@ -13,11 +13,12 @@ from conftest import tiny_recipe, write_recipe
 from cfdpo import variants as variant_table
 from cfdpo.benchmark.aggregate import mean_std, t975, t_interval
 from cfdpo.benchmark.plan import Plan
-from cfdpo.benchmark.runner import ResultsStore, _key, union_pairs
+from cfdpo.benchmark.runner import ResultsStore, _copy_eval_cache, _key, union_pairs
 from cfdpo.benchmark.tables import fmt_ms, render_results, scorecard_table, write_results
 from cfdpo.benchmark.targets import load_targets, target_rows
 from cfdpo.errors import CfdpoError
 from cfdpo.likelihood import continuation_logprobs, load_mcq, mcq_accuracy, mcq_context, shared_context_logprobs
+from cfdpo.runio import JsonlLog
 
 REPO_TARGETS = Path(__file__).resolve().parents[1] / "bench" / "targets.yaml"
 
@@ -490,3 +491,17 @@ def test_tradeoff_points_put_every_model_and_each_configs_variant_at_their_kl_an
         for m in r["metrics"]["models"].values():
             m["groups"]["instruction_of"] = "treatment"
     assert {score for _, _, score in points(res, "pirate")} == {(9.0, 0.0)}
+
+
+def test_eval_cache_copy_adds_only_missing_untrained_rows(tmp_path):
+    """A later run (or one re-evaluated on more prompts) gets the base / prompted answers it lacks, never a
+    trained model's, and no row twice."""
+    src, dst = tmp_path / "seed0", tmp_path / "seed1"
+    rows = [{"key": "a", "model_label": "base", "answer": "A"}, {"key": "b", "model_label": "prompted", "answer": "B"},
+            {"key": "c", "model_label": "enc", "answer": "C"}]
+    JsonlLog(src / "eval" / "answers.jsonl").append(rows)
+    JsonlLog(dst / "eval" / "answers.jsonl").append([{"key": "a", "model_label": "base", "answer": "A"}])
+    _copy_eval_cache(src, dst)
+    _copy_eval_cache(src, dst)  # twice: nothing more
+    got = JsonlLog(dst / "eval" / "answers.jsonl").rows
+    assert sorted(r["key"] for r in got) == ["a", "b"]

@@ -113,11 +113,14 @@ def union_pairs(parts: dict[str, list[dict]], seed: int) -> list[dict]:
 
 
 def _copy_eval_cache(src: Path, dst: Path) -> None:
-    """Seed a new run's evaluation caches with the base / prompted answers and all MCQ results of `src`."""
+    """Give `dst`'s evaluation caches the base / prompted answers of `src` that it lacks (by row key: a run
+    re-evaluated on more prompts gets them too) and all MCQ results of `src`."""
     s_ans, d_ans = src / "eval" / "answers.jsonl", dst / "eval" / "answers.jsonl"
-    if s_ans.is_file() and not d_ans.exists():
-        rows = [r for r in JsonlLog(s_ans).rows if r.get("model_label") in UNTRAINED]
-        JsonlLog(d_ans).append(rows)
+    if s_ans.is_file():
+        have = {r["key"] for r in JsonlLog(d_ans).rows} if d_ans.exists() else set()
+        rows = [r for r in JsonlLog(s_ans).rows if r.get("model_label") in UNTRAINED and r["key"] not in have]
+        if rows:
+            JsonlLog(d_ans).append(rows)
     s_mcq, d_mcq = src / "eval" / "mcq.json", dst / "eval" / "mcq.json"
     if s_mcq.is_file():
         merged = {**read_json(s_mcq), **(read_json(d_mcq) if d_mcq.is_file() else {})}
