@@ -430,8 +430,8 @@ def test_set_changes_every_run_of_every_recipe_and_bad_settings_are_one_line_err
                          ("dpo.auto=[", "VALUE is not valid YAML"), ("model.x=1", "'model' is not a recipe section"),
                          ("dpo.autox=true", "dpo.autox"), ("dpo.learning_rate=-1", "dpo.learning_rate"),
                          ("concise:dpo.auto=true", "--set 'concise:...': no recipe named 'concise' in this benchmark"),
-                         # names' prompt set (news, 118) cannot hold 76 more held-out prompts: refused before any run
-                         ("evaluation.extra_prompts=76", "= 156 but the set has only 118 prompts; expected at most 38")):
+                         # names' prompt set (news, 162) cannot hold 100 more held-out prompts: refused before any run
+                         ("evaluation.extra_prompts=100", "= 180 but the set has only 162 prompts; expected at most 82")):
         with pytest.raises(CfdpoError, match=re.escape(message)) as err:
             plan(bad)
         assert "\n" not in str(err.value)

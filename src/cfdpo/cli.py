@@ -255,7 +255,7 @@ def benchmark(
                                                       "(default: ./bench/targets.yaml when it exists, as in the cfdpo repository; else none)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="[RECIPE:]SECTION.FIELD=VALUE for every run of every recipe "
                                                                  "(of RECIPE only), VALUE read as YAML (e.g. dpo.auto=true, "
-                                                                 "names:evaluation.extra_prompts=38); repeatable"),
+                                                                 "concise:dpo.beta=0.2); repeatable"),
 ):
     """Run every recipe for several seeds (+ pair-quality, method and multi-behaviour runs) and write docs/RESULTS.md."""
     import shlex

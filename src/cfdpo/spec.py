@@ -163,7 +163,7 @@ class PromptsSpec(_Strict):
     OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("validation_size",)  # newer than the format: see DPOSpec
     source: str = Field(
         default="general",
-        description="Builtin prompt set (general: 339 prompts, news: 118 passages, everyday: 160 short prompts) or a "
+        description="Builtin prompt set (general: 339 prompts, news: 162 passages, everyday: 160 short prompts) or a "
                     ".jsonl/.csv/.parquet file; "
                     "a relative path is read from the recipe file's folder.")
     column: str = Field(default="prompt", description="Field (JSONL) or column (CSV, parquet) that holds the prompt text.")
