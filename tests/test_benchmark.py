@@ -294,6 +294,12 @@ def test_results_store_records_runs_and_skips_with_reasons(tmp_path):
     (run_dir / "manifest.json").write_text(json.dumps({"stages": {"train": {}, "evaluate": {}}}))
     assert again.finished("concise", "plain", 0, run_dir, {"enc"}) == 20.0
     assert again.results["runs"] == []
+    # a benchmark of another recipe into the same --out records only its own runs, yet the one after it still
+    # knows concise's earlier wall time
+    other = ResultsStore(tmp_path / "results.json", "cfdpo benchmark y", 1)
+    other.record("names", "plain", 0, run, 5.0)
+    third = ResultsStore(tmp_path / "results.json", "cfdpo benchmark x", 2)
+    assert third.earlier("concise", "plain", 0) == 20.0 and third.earlier("names", "plain", 0) == 5.0
 
 
 def test_benchmark_end_to_end_tiny_model(tiny_model, tmp_path):

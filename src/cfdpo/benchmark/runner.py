@@ -46,6 +46,10 @@ def _key(row: dict) -> tuple[str, str, int]:
     return row["recipe"], row["config"], row["seed"]
 
 
+def _name(row: dict) -> str:
+    return f"{row['recipe']}/{row['config']}/seed{row['seed']}"
+
+
 class ResultsStore:
     """results.json of one benchmark invocation: the runs recorded and the configs skipped (with their
     reason), saved after every change so an interrupted benchmark keeps them; and the runs an earlier
@@ -54,8 +58,12 @@ class ResultsStore:
     def __init__(self, path: Path, command: str, seeds: int, on_save: Callable[[dict], object] = lambda results: None):
         self.path = path
         self.on_save = on_save  # e.g. rewrite RESULTS.md from the results
-        self.previous = read_json(path)["runs"] if path.is_file() else []
-        self.results: dict = {"command": command, "seeds": seeds, "runs": [], "started": _now()}
+        before = read_json(path) if path.is_file() else {"runs": []}
+        # every earlier invocation's wall time per run, also of runs the last one did not record (a benchmark of
+        # other recipes into the same --out), so a run picked up again later keeps its whole cost
+        self.earlier_seconds = {**before.get("earlier_seconds", {}), **{_name(r): r["seconds"] for r in before["runs"]}}
+        self.results: dict = {"command": command, "seeds": seeds, "runs": [], "started": _now(),
+                              "earlier_seconds": self.earlier_seconds}
 
     def finished(self, recipe: str, config: str, seed: int, run_dir: Path, expected: set[str]) -> float | None:
         """The earlier seconds of a run whose metrics already cover every expected model and whose manifest
@@ -70,7 +78,7 @@ class ResultsStore:
     def earlier(self, recipe: str, config: str, seed: int) -> float:
         """The seconds an earlier invocation recorded for this run (0 if none): a run picked up again, to be
         re-evaluated or to add a model, costs its earlier time plus this invocation's."""
-        return next((r["seconds"] for r in self.previous if _key(r) == (recipe, config, seed)), 0.0)
+        return self.earlier_seconds.get(_name({"recipe": recipe, "config": config, "seed": seed}), 0.0)
 
     def record(self, recipe: str, config: str, seed: int, run, seconds: float) -> None:
         """A finished run (a pipeline `Run`): its recipe, metrics and pair stats, replacing an earlier record."""
