@@ -147,11 +147,11 @@ def test_targets_say_met_or_missed_and_by_how_much():
     assert acc["met"] is False and "(-3.0)" in acc["value"] and acc["gap"] == "+1.0 points"
 
 
-def test_render_results_has_command_sizes_and_mean_std(tmp_path):
+def test_render_results_has_command_sizes_and_targets(tmp_path):
     res = _fake_results()
     text = render_results(res, Plan({}, 2, tmp_path, tmp_path), [])
     assert "cfdpo benchmark x" in text and "## Sizes" in text and "## pirate" in text
-    assert "| `negation` | 0.000 ± 0.000 | 0.200 ± 0.141 |" in text
+    assert "with its 95 % interval in brackets" in text
     assert "No target rules given" in text and "SmolLM2" not in text  # the setting and targets come from the file
     text = render_results(res, Plan({}, 2, tmp_path, tmp_path, targets=load_targets(REPO_TARGETS)), [])
     assert "Model: SmolLM2-135M-Instruct (the embedded default), CPU. 2 seeds" in text
@@ -370,20 +370,29 @@ def test_benchmark_end_to_end_tiny_model(tiny_model, tmp_path):
     assert (docs / "RESULTS.md").read_text().endswith("## Discussion\n\nkept\n")
 
 
-def test_scorecard_table_over_seeds():
-    def model(para, retention, kl):
-        conds = {"control": {"kind": "control", "score": 0.0}, "negative": {"kind": "negative", "score": 1.0},
-                 "in_scope:tutor": {"kind": "in_scope", "score": 0.5, "retention": {"ratio": retention}}}
-        return {"conditions": conds, "groups": {"instruction_of": "negative", "paraphrase": {"score": para},
-                                                "placement": {"score": 0.25}},
-                "capability": {"kl_per_token": kl}, "drift": {"repeated_share": 0.0}}
+def test_scorecard_table_gives_every_figure_its_interval():
+    def model(para, retention, kl, repeated=0.0):
+        conds = {"control": {"kind": "control", "score": 0.0, "ci95": [0.0, 0.0]},
+                 "negative": {"kind": "negative", "score": 1.0, "ci95": [0.5, 1.5]},
+                 "in_scope:tutor": {"kind": "in_scope", "score": 0.5, "retention": {"ratio": retention, "ci95": [0.25, 0.75]}}}
+        return {"conditions": conds, "groups": {"instruction_of": "negative", "paraphrase": {"score": para, "ci95": [0.1, 0.4]},
+                                                "placement": {"score": 0.25, "ci95": [0.0, 0.5]}},
+                "capability": {"kl_per_token": kl, "kl_per_token_ci95": [0.01, 0.09], "mcq_accuracy": 0.5, "mcq_se": 0.05},
+                "drift": {"repeated_share": repeated, "n": 100}}
 
     runs = [{"recipe": "x", "config": "plain", "seed": s, "metrics": {"models": {
-        "base": model(1.0, 1.0, 0.0), "negation": model(0.2 + 0.2 * s, 0.5 + 0.1 * s, 0.05)}}} for s in (0, 1)]
-    table = scorecard_table({"runs": runs}, "x")
+        "base": model(1.0, 1.0, 0.0), "negation": model(0.2 + 0.2 * s, 0.5 + 0.1 * s, 0.05, 0.1)}}} for s in (0, 1)]
+    table = scorecard_table({"runs": runs[:1]}, "x")  # one seed: the run's own intervals
     assert table[0] == ("| model | control | negative (trained wording) | held-out paraphrases | other placements | "
-                        "retention: tutor | KL / answer token | repeated answers |")
-    assert table[3] == "| `negation` | 0.000 ± 0.000 | 1.000 ± 0.000 | 0.300 ± 0.141 | 0.250 ± 0.000 | 0.550 ± 0.071 | 0.050 ± 0.000 | 0.000 ± 0.000 |"
+                        "retention: tutor | KL / answer token | repeated answers | MCQ acc (%) |")
+    # repeated 10 of 100: Wilson [0.055, 0.174]; MCQ 50 % ± 1.96 × 5 points
+    assert table[3] == ("| `negation` | 0.000 [0.000, 0.000] | 1.000 [0.500, 1.500] | 0.200 [0.100, 0.400] | 0.250 [0.000, 0.500] "
+                        "| 0.500 [0.250, 0.750] | 0.050 [0.010, 0.090] | 0.100 [0.055, 0.174] | 50.0 [40.2, 59.8] |")
+    # two seeds: the mean and its t interval over seeds (paraphrases 0.2, 0.4: ± 12.706 × 0.1414 / √2)
+    row = scorecard_table({"runs": runs}, "x")[3].split(" | ")
+    assert row[3] == "0.300 [-0.971, 1.571]" and row[1] == "0.000 [0.000, 0.000]"
+    # a model the same in both seeds (base: greedy decoding) keeps its interval over prompts, not a zero-width one
+    assert scorecard_table({"runs": runs}, "x")[2].split(" | ")[3] == "1.000 [0.100, 0.400]"
     old = [{**r, "metrics": {"models": {"base": {"control": {"score": 0.0}}}}} for r in runs]
     assert scorecard_table({"runs": old}, "x") == []  # results from before the scorecard: no table
 

@@ -22,13 +22,7 @@ def runs_of(results: dict, recipe: str, config: str) -> list[dict]:
 
 def metric_values(runs: list[dict], model: str, *path: str) -> list:
     """One metric of one model in each run (None where the run lacks it): path ('negative', 'score')."""
-    out = []
-    for r in runs:
-        x = r["metrics"]["models"].get(model)
-        for k in path:
-            x = x.get(k) if isinstance(x, dict) else None
-        out.append(x)
-    return out
+    return [_at(r["metrics"]["models"].get(model), path) for r in runs]
 
 
 def percent(values: list) -> list:
@@ -66,3 +60,36 @@ def t_interval(values: list[float]) -> tuple[float, float] | None:
         return None
     half = t975(len(values) - 1) * sd / math.sqrt(len(values))
     return m - half, m + half
+
+
+def wilson(share: float, n: int) -> tuple[float, float]:
+    """95 % Wilson score interval of a share observed on n items."""
+    z = 1.959964
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _at(x, path: tuple[str, ...]):
+    for k in path:
+        x = x.get(k) if isinstance(x, dict) else None
+    return x
+
+
+def run_interval(model: dict, path: tuple[str, ...]) -> tuple[float, float] | None:
+    """The 95 % interval one run gives a metric of one model (its metrics.json entry): the bootstrap over
+    prompts next to a score or a retention (`ci95`) and next to the KL, ± 1.96 standard errors for the MCQ
+    accuracy, Wilson's for the share of repeated answers; None where the run has none."""
+    if path[-1] in ("score", "ratio"):
+        ci = _at(model, (*path[:-1], "ci95"))
+    elif path == ("capability", "kl_per_token"):
+        ci = _at(model, ("capability", "kl_per_token_ci95"))
+    elif path == ("capability", "mcq_accuracy"):
+        acc, se = _at(model, path), _at(model, ("capability", "mcq_se"))
+        ci = None if acc is None or se is None else (acc - 1.959964 * se, acc + 1.959964 * se)
+    elif path == ("drift", "repeated_share"):
+        share, n = _at(model, path), _at(model, ("drift", "n"))
+        ci = wilson(share, n) if share is not None and n else None
+    else:
+        ci = None
+    return tuple(ci) if ci is not None else None

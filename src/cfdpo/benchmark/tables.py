@@ -1,10 +1,11 @@
-"""docs/RESULTS.md: mean ± std tables over seeds, the targets table, and a hand-written tail kept."""
+"""docs/RESULTS.md: tables of every figure with its 95 % interval (over prompts for one seed, over seeds for
+several), the targets table, and a hand-written tail kept."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cfdpo.benchmark.aggregate import PAIR_QUALITY, mean_std, metric_values, percent, runs_of
+from cfdpo.benchmark.aggregate import PAIR_QUALITY, mean_std, metric_values, run_interval, runs_of, t_interval
 from cfdpo.benchmark.plan import Plan
 from cfdpo.benchmark.plots import plot_results
 from cfdpo.benchmark.targets import Targets, target_rows
@@ -21,48 +22,56 @@ def fmt_ms(values: list[float], digits: int = 2) -> str:
     return f"{fmt_value(m, digits)} ± {sd:.{digits}f}"
 
 
-def recipe_table(results: dict, recipe: str, config: str = "plain") -> list[str]:
-    runs = runs_of(results, recipe, config)
-    if not runs:
-        return []
-    m0 = runs[0]["metrics"]
-    conds = m0["conditions"]
-    head = ["model"] + [f"score ({c})" for c in conds] + [f"words ({c})" for c in conds] + ["nll_ratio", "MCQ acc", "MCQ acc (norm)"]
-    rows = []
-    for name in m0["models"]:
-        row = [f"`{name}`"]
-        row += [fmt_ms(metric_values(runs, name, c, "score"), 3) for c in conds]
-        row += [fmt_ms(metric_values(runs, name, c, "mean_words"), 1) for c in conds]
-        row += [fmt_ms(metric_values(runs, name, "nll_ratio"), 3)]
-        row += [fmt_ms(percent(metric_values(runs, name, k)), 1) for k in ("mcq_accuracy", "mcq_accuracy_norm")]
-        rows.append(row)
-    return md_table(head, rows)
+MCQ = ("capability", "mcq_accuracy")
+
+
+def fmt_ci(runs: list[dict], model: str, path: tuple[str, ...], digits: int = 3, scale: float = 1.0) -> str:
+    """One metric of one model with its 95 % interval: for several seeds the mean over seeds and its t interval
+    over seeds; for one seed, or a model that gives the same value in every seed (base and prompted decode
+    greedily), the run's own interval over prompts (see `run_interval`); '–' where no run has the metric."""
+    values = [v for v in metric_values(runs, model, *path) if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1 or max(values) == min(values):
+        run = next(r for r in runs if metric_values([r], model, *path)[0] is not None)
+        ci = run_interval(run["metrics"]["models"][model], path)
+    else:
+        ci = t_interval(values)
+    m = mean_std(values)[0]
+    text = fmt_value(m * scale, digits)
+    return text if ci is None else f"{text} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
+
+
+def fmt_metric(runs: list[dict], model: str, path: tuple[str, ...]) -> str:
+    """`fmt_ci` at the precision RESULTS.md uses: the MCQ accuracy in % with one decimal, the rest with three."""
+    return fmt_ci(runs, model, path, 1, 100.0) if path == MCQ else fmt_ci(runs, model, path)
 
 
 def scorecard_columns(first: dict) -> tuple[list[str], list[tuple[str, ...]]]:
     """The scorecard's column names and metric paths, from one model's metrics: the control prompt, the
     trained instruction, its held-out paraphrases and other placements, retention in each in-scope context,
-    KL per answer token and repeated answers."""
+    KL per answer token, repeated answers and the MCQ accuracy."""
     instruction = first["groups"]["instruction_of"]
     in_scope = [c for c, v in first["conditions"].items() if v.get("kind") == "in_scope"]
     head = ["control", f"{instruction} (trained wording)", "held-out paraphrases", "other placements",
-            *(f"retention: {c.split(':', 1)[1]}" for c in in_scope), "KL / answer token", "repeated answers"]
+            *(f"retention: {c.split(':', 1)[1]}" for c in in_scope), "KL / answer token", "repeated answers",
+            "MCQ acc (%)"]
     paths = [("conditions", "control", "score"), ("conditions", instruction, "score"),
              ("groups", "paraphrase", "score"), ("groups", "placement", "score"),
              *(("conditions", c, "retention", "ratio") for c in in_scope),
-             ("capability", "kl_per_token"), ("drift", "repeated_share")]
+             ("capability", "kl_per_token"), ("drift", "repeated_share"), MCQ]
     return head, paths
 
 
 def scorecard_table(results: dict, recipe: str, config: str = "plain") -> list[str]:
-    """The scorecard over seeds, one row per model of the recipe's runs in `config`."""
+    """The scorecard with its intervals, one row per model of the recipe's runs in `config`."""
     runs = runs_of(results, recipe, config)
     models = runs[0]["metrics"]["models"] if runs else {}
     first = next(iter(models.values()), {})
     if "groups" not in first:  # results of a version without the scorecard
         return []
     head, paths = scorecard_columns(first)
-    rows = [[f"`{name}`", *(fmt_ms(metric_values(runs, name, *path), 3) for path in paths)] for name in models]
+    rows = [[f"`{name}`", *(fmt_metric(runs, name, path) for path in paths)] for name in models]
     return md_table(["model", *head], rows)
 
 
@@ -91,7 +100,7 @@ def methods_lines(results: dict, picks: list[tuple[str, str]]) -> list[str]:
                 continue
             pairs = fmt_ms([r["pairs"].get(variant, {}).get("count") for r in runs], 1) if model == variant else ""
             rows.append([label.format(kept=kept_rounds(runs, variant)), pairs,
-                         *(fmt_ms(metric_values(runs, model, *path), 3) for path in paths)])
+                         *(fmt_metric(runs, model, path) for path in paths)])
         lines += [f"**{name}: `{variant}`** ({len(plain)} seed{'s' * (len(plain) != 1)})", "",
                   *md_table(["method", "pairs", *head], rows), ""]
         lines += [f"`{sk['config']}` seed {sk['seed']}: not trained ({sk['why']}).\n"
@@ -127,19 +136,16 @@ def pair_quality_lines(results: dict, picks: list[tuple[str, str]]) -> list[str]
         if not plain:
             continue
         conds = plain[0]["metrics"]["conditions"]
-        head = ["pairs", "kept pairs"] + [f"score ({c})" for c in conds] + [f"words ({c})" for c in conds] + ["nll_ratio", "MCQ acc"]
+        head = ["pairs", "kept pairs"] + [f"score ({c})" for c in conds] + ["MCQ acc (%)"]
         rows = []
         for config in ("plain", *PAIR_QUALITY):
             runs = runs_of(results, name, config)
             if not runs:
                 continue
             row = [config, fmt_ms([r["pairs"].get(variant, {}).get("count") for r in runs], 1)]
-            row += [fmt_ms(metric_values(runs, variant, c, "score"), 3) for c in conds]
-            row += [fmt_ms(metric_values(runs, variant, c, "mean_words"), 1) for c in conds]
-            row += [fmt_ms(metric_values(runs, variant, "nll_ratio"), 3),
-                    fmt_ms(percent(metric_values(runs, variant, "mcq_accuracy")), 1)]
+            row += [fmt_metric(runs, variant, (c, "score")) for c in conds] + [fmt_metric(runs, variant, MCQ)]
             rows.append(row)
-        base = ", ".join(f"{c} {fmt_ms(metric_values(plain, 'base', c, 'score'), 3)}" for c in conds)
+        base = ", ".join(f"{c} {fmt_metric(plain, 'base', (c, 'score'))}" for c in conds)
         lines += [f"**{name}: `{variant}`** (base: {base})", "", *md_table(head, rows)]
         lines += [f"\n`{sk['config']}` seed {sk['seed']}: not trained ({sk['why']})."
                   for sk in results.get("skipped", []) if sk["recipe"] == name]
@@ -148,18 +154,15 @@ def pair_quality_lines(results: dict, picks: list[tuple[str, str]]) -> list[str]
 
 
 def multi_lines(results: dict, picks: list[tuple[str, str]]) -> list[str]:
-    head = ["behaviour", "model", "score (control)", "score (negative)", "words (control)", "nll_ratio", "MCQ acc"]
+    head = ["behaviour", "model", "score (control)", "score (negative)", "MCQ acc (%)"]
     rows = []
     for name, variant in picks:
         runs = runs_of(results, name, "plain")
         if not runs or "multi" not in runs[0]["metrics"]["models"]:
             continue
         for model in ("base", "prompted", variant, "multi"):
-            neg = fmt_ms(metric_values(runs, model, "negative", "score"), 3) if "negative" in runs[0]["metrics"]["conditions"] else "–"
-            rows.append([name, f"`{model}`", fmt_ms(metric_values(runs, model, "control", "score"), 3), neg,
-                         fmt_ms(metric_values(runs, model, "control", "mean_words"), 1),
-                         fmt_ms(metric_values(runs, model, "nll_ratio"), 3),
-                         fmt_ms(percent(metric_values(runs, model, "mcq_accuracy")), 1)])
+            neg = fmt_metric(runs, model, ("negative", "score")) if "negative" in runs[0]["metrics"]["conditions"] else "–"
+            rows.append([name, f"`{model}`", fmt_metric(runs, model, ("control", "score")), neg, fmt_metric(runs, model, MCQ)])
     return md_table(head, rows)
 
 
@@ -187,15 +190,17 @@ def render_results(results: dict, plan: Plan, plots: list[Path]) -> str:
          + ", ".join(f"{n} {len(runs_of(results, n, 'plain'))}" for n in names) + "). ")
         + setting +
         f"{results['seeds']} seeds: each seed changes generation sampling and DPO/SFT training; the held-out prompts "
-        "are the same for every seed. Every figure is mean ± sample std over the seeds, on held-out prompts only. "
+        "are the same for every seed. Every figure is on held-out prompts only, with its 95 % interval in brackets: for one "
+        "seed the run's own (bootstrap over prompts for scores, retention and KL; ± 1.96 standard errors for the MCQ "
+        "accuracy; Wilson's for the share of repeated answers), for several seeds the mean over seeds and its t "
+        "interval over seeds (the run's own where a model gives the same value in every seed). "
         "Evaluation decoding is greedy, so `base` and `prompted` do not vary across seeds.", "",
         "Models: `base` the model as it is; `prompted` the base model given the treatment instruction at inference "
         "(the teacher; for pirate under the negative prompt it gets both instructions; for a recipe with only a negative "
         "instruction, the prompt without it); `sft` context-distillation "
         f"baseline (SFT on the same pairs' prompt → chosen answer, same LoRA budget); {'/'.join(f'`{v}`' for v in NAMES)} "
         "the counterfactual DPO variants; `multi` one adapter trained on two behaviours' pairs. "
-        "`nll_ratio`: per-token NLL of the base model's sampled answers to the KL prompts under the model ÷ base's own. "
-        "MCQ: accuracy (%) on the builtin multiple-choice set by option log-likelihood (norm: per character).", "",
+        "MCQ: accuracy (%) on the builtin multiple-choice set by option log-likelihood.", "",
         "## Sizes", "", *sizes_lines(results), "",
         "## Targets", "", *targets_lines(results, plan.targets),
     ]
@@ -203,7 +208,7 @@ def render_results(results: dict, plan: Plan, plots: list[Path]) -> str:
         r0 = runs_of(results, name, "plain")[0]
         b = r0["metrics"]["behaviour"]
         lines += [f"## {name}", "", f"Scorer `{b['scorer']}` ({b.get('unit', '')}), **{b['desired']}** is better. "
-                  f"Variants: {', '.join(r0['recipe_data']['variants'])}.", "", *recipe_table(results, name), ""]
+                  f"Variants: {', '.join(r0['recipe_data']['variants'])}.", ""]
         scorecard = scorecard_table(results, name)
         if scorecard:
             lines += ["Scorecard (behaviour scores; retention = model / base in the in-scope context; KL(base ‖ model) "
@@ -216,7 +221,7 @@ def render_results(results: dict, plan: Plan, plots: list[Path]) -> str:
                   *pair_quality_lines(results, plan.pair_quality)]
     if plan.methods:
         lines += ["## Methods side by side: steering, self-reward pairs, on-policy rounds", "",
-                  "Every way to the behaviour on the same answers and the same scorecard (mean ± std over seeds): "
+                  "Every way to the behaviour on the same answers and the same scorecard: "
                   "`steering` adds to one layer the mean difference of the activations of the desired and the "
                   "undesired training answers (the base model, no training), with layer and strength chosen on the "
                   "validation prompts within dpo.max_kl; `self-reward "
