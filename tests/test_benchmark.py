@@ -269,7 +269,7 @@ def test_repo_targets_name_shipped_recipes_and_their_variants():
 
 def test_results_store_records_runs_and_skips_with_reasons(tmp_path):
     saved = []
-    store = ResultsStore(tmp_path / "results.json", "cfdpo benchmark x", 2, on_save=saved.append)
+    store = ResultsStore(tmp_path / "results.json", "cfdpo benchmark x", 2, ["concise"], on_save=saved.append)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.json").write_text(json.dumps({"models": {"base": {}, "enc": {}}}))
@@ -284,7 +284,7 @@ def test_results_store_records_runs_and_skips_with_reasons(tmp_path):
     assert on_disk["skipped"] == [{"recipe": "concise", "config": "filter", "seed": 0, "why": "no pairs kept"}]
     assert len(saved) == 3 and saved[-1] is store.results
     # a new invocation sees the finished run and its earlier wall time
-    again = ResultsStore(tmp_path / "results.json", "cfdpo benchmark x", 2)
+    again = ResultsStore(tmp_path / "results.json", "cfdpo benchmark x", 2, ["concise"])
     assert again.finished("concise", "plain", 0, run_dir, {"enc"}) == 20.0
     assert again.finished("concise", "plain", 0, run_dir, {"enc", "multi"}) is None
     # a recipe changed in evaluation settings only made the evaluate stage due again (manifest.evaluation_changed)
@@ -296,10 +296,26 @@ def test_results_store_records_runs_and_skips_with_reasons(tmp_path):
     assert again.results["runs"] == []
     # a benchmark of another recipe into the same --out records only its own runs, yet the one after it still
     # knows concise's earlier wall time
-    other = ResultsStore(tmp_path / "results.json", "cfdpo benchmark y", 1)
+    other = ResultsStore(tmp_path / "results.json", "cfdpo benchmark y", 1, ["names"])
     other.record("names", "plain", 0, run, 5.0)
-    third = ResultsStore(tmp_path / "results.json", "cfdpo benchmark x", 2)
+    third = ResultsStore(tmp_path / "results.json", "cfdpo benchmark x", 2, ["concise"])
     assert third.earlier("concise", "plain", 0) == 20.0 and third.earlier("names", "plain", 0) == 5.0
+
+
+def test_a_benchmark_of_other_recipes_keeps_the_earlier_ones_results(tmp_path):
+    """`cfdpo benchmark names --out D` after a benchmark of pirate into D: RESULTS.md still shows pirate,
+    saying which command made its runs; names' earlier runs are replaced, not kept."""
+    res = _fake_results()
+    res["runs"].append({**res["runs"][0], "recipe": "names"})
+    res["skipped"] = [{"recipe": "pirate", "config": "filter", "seed": 0, "why": "no pairs kept"}]
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    store = ResultsStore(tmp_path / "results.json", "cfdpo benchmark names", 1, ["names"])
+    assert [(r["recipe"], r["seed"], r["command"]) for r in store.results["runs"]] == [
+        ("pirate", 0, "cfdpo benchmark x"), ("pirate", 1, "cfdpo benchmark x")]
+    assert store.results["skipped"][0]["command"] == "cfdpo benchmark x"
+    text = render_results(store.results, Plan({}, 1, tmp_path, tmp_path), [])
+    assert "The runs of pirate are kept from an earlier benchmark into the same directory:\n\n```\ncfdpo benchmark x\n```" in text
+    assert "## pirate" in text
 
 
 def test_benchmark_end_to_end_tiny_model(tiny_model, tmp_path):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import yaml
@@ -52,18 +52,24 @@ def _name(row: dict) -> str:
 
 class ResultsStore:
     """results.json of one benchmark invocation: the runs recorded and the configs skipped (with their
-    reason), saved after every change so an interrupted benchmark keeps them; and the runs an earlier
-    invocation recorded, whose wall time a rerun keeps for the runs it finds finished."""
+    reason), saved after every change so an interrupted benchmark keeps them; the runs and skips of recipes
+    this invocation does not run, kept from the file as an earlier invocation left them (each with that
+    invocation's `command`); and the wall time of every run recorded before, which a rerun keeps for the
+    runs it finds finished."""
 
-    def __init__(self, path: Path, command: str, seeds: int, on_save: Callable[[dict], object] = lambda results: None):
+    def __init__(self, path: Path, command: str, seeds: int, recipes: Collection[str],
+                 on_save: Callable[[dict], object] = lambda results: None):
         self.path = path
         self.on_save = on_save  # e.g. rewrite RESULTS.md from the results
         before = read_json(path) if path.is_file() else {"runs": []}
-        # every earlier invocation's wall time per run, also of runs the last one did not record (a benchmark of
-        # other recipes into the same --out), so a run picked up again later keeps its whole cost
+        # every earlier invocation's wall time per run, also of runs the last one did not record, so a run
+        # picked up again later keeps its whole cost
         self.earlier_seconds = {**before.get("earlier_seconds", {}), **{_name(r): r["seconds"] for r in before["runs"]}}
-        self.results: dict = {"command": command, "seeds": seeds, "runs": [], "started": _now(),
-                              "earlier_seconds": self.earlier_seconds}
+        kept = [{**r, "command": r.get("command", before.get("command", ""))} for r in before["runs"] if r["recipe"] not in recipes]
+        skipped = [{**sk, "command": sk.get("command", before.get("command", ""))}
+                   for sk in before.get("skipped", []) if sk["recipe"] not in recipes]
+        self.results: dict = {"command": command, "seeds": seeds, "runs": kept, "started": _now(),
+                              "earlier_seconds": self.earlier_seconds, **({"skipped": skipped} if skipped else {})}
 
     def finished(self, recipe: str, config: str, seed: int, run_dir: Path, expected: set[str]) -> float | None:
         """The earlier seconds of a run whose metrics already cover every expected model and whose manifest
@@ -156,7 +162,7 @@ def run_benchmark(plan: Plan) -> dict:
         extra.setdefault(name, {}).update({c: v for c in METHODS})
     steered = {name for name, _ in plan.methods}
     sampled = {name for name, _ in plan.pair_quality}  # their plain runs answer with --samples (best-of-k's k)
-    store = ResultsStore(plan.out / "results.json", plan.command, plan.seeds,
+    store = ResultsStore(plan.out / "results.json", plan.command, plan.seeds, list(recipes),
                          on_save=lambda results: write_results(results, plan))  # RESULTS.md after every run
     t_all = time.perf_counter()
 
