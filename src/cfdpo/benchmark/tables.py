@@ -29,12 +29,12 @@ def fmt_ci(runs: list[dict], model: str, path: tuple[str, ...], digits: int = 3,
     """One metric of one model with its 95 % interval: for several seeds the mean over seeds and its t interval
     over seeds; for one seed, or a model that gives the same value in every seed (base and prompted decode
     greedily), the run's own interval over prompts (see `run_interval`); '–' where no run has the metric."""
-    values = [v for v in metric_values(runs, model, *path) if v is not None]
-    if not values:
+    found = [(r, v) for r, v in zip(runs, metric_values(runs, model, *path)) if v is not None]
+    if not found:
         return "–"
+    values = [v for _, v in found]
     if len(values) == 1 or max(values) == min(values):
-        run = next(r for r in runs if metric_values([r], model, *path)[0] is not None)
-        ci = run_interval(run["metrics"]["models"][model], path)
+        ci = run_interval(found[0][0]["metrics"]["models"][model], path)
     else:
         ci = t_interval(values)
     m = mean_std(values)[0]
