@@ -302,6 +302,28 @@ def test_results_store_records_runs_and_skips_with_reasons(tmp_path):
     assert third.earlier("concise", "plain", 0) == 20.0 and third.earlier("names", "plain", 0) == 5.0
 
 
+def test_results_store_keeps_an_archived_record_only_for_the_same_recipe_and_models(tmp_path):
+    archive = tmp_path / "docs" / "results.json"
+    archive.parent.mkdir()
+    rec = {"recipe": "concise", "config": "plain", "seed": 0, "seconds": 9.0, "recipe_data": {"variants": ["enc"]},
+           "metrics": {"models": {"base": {}, "enc": {}}}, "made": {"machine": {"cpu": "X"}}}
+    archive.write_text(json.dumps({"command": "cfdpo benchmark concise", "runs": [rec]}))
+    store = ResultsStore(tmp_path / "out" / "results.json", "cfdpo benchmark concise", 1, ["concise"], archive=archive)
+    (tmp_path / "run").mkdir()
+
+    def run(data):
+        return SimpleNamespace(dir=tmp_path / "run", recipe=SimpleNamespace(model_dump=lambda mode: data))
+
+    assert not store.adopt("concise", "plain", 0, run({"variants": ["enc"], "dpo": {"beta": 0.2}}), {"enc"})  # other recipe
+    assert not store.adopt("concise", "plain", 0, run({"variants": ["enc"]}), {"enc", "sft"})  # a model it lacks
+    assert not store.adopt("concise", "plain", 1, run({"variants": ["enc"]}), {"enc"})  # no record
+    assert store.results["runs"] == []
+    assert store.adopt("concise", "plain", 0, run({"variants": ["enc"]}), {"enc"})
+    assert store.results["runs"] == [rec] and store.earlier("concise", "plain", 0) == 9.0
+    (tmp_path / "run" / "metrics.json").write_text("{}")  # a run directory with metrics is recorded from, not the archive
+    assert not store.adopt("concise", "plain", 0, run({"variants": ["enc"]}), {"enc"})
+
+
 def test_a_benchmark_of_other_recipes_keeps_the_earlier_ones_results(tmp_path):
     """`cfdpo benchmark names --out D` after a benchmark of pirate into D: RESULTS.md still shows pirate,
     saying which command made its runs; names' earlier runs are replaced, not kept."""
@@ -314,7 +336,7 @@ def test_a_benchmark_of_other_recipes_keeps_the_earlier_ones_results(tmp_path):
         ("pirate", 0, "cfdpo benchmark x"), ("pirate", 1, "cfdpo benchmark x")]
     assert store.results["skipped"][0]["command"] == "cfdpo benchmark x"
     text = render_results(store.results, Plan({}, 1, tmp_path, tmp_path), [])
-    assert "The runs of pirate are kept from an earlier benchmark into the same directory:\n\n```\ncfdpo benchmark x\n```" in text
+    assert "The runs of pirate are kept from the records of an earlier benchmark:\n\n```\ncfdpo benchmark x\n```" in text
     assert "## pirate" in text
 
 
@@ -380,6 +402,20 @@ def test_benchmark_end_to_end_tiny_model(tiny_model, tmp_path):
     assert {r["metrics"]["scorecard"]["kl_prompts"] for r in again["runs"]} == {2} and len(again["runs"]) == len(res["runs"])
     took = {_key(r): r["seconds"] for r in res["runs"]}
     assert all(r["seconds"] >= took[_key(r)] for r in again["runs"])  # the earlier wall time is kept, not replaced
+    # elsewhere, with concise's records gone: pirate's runs are kept from docs/results.json, concise's are made,
+    # and the multi adapter is trained on concise's pairs and pirate's made again from its answers
+    records = json.loads((docs / "results.json").read_text())
+    records["runs"] = [r for r in records["runs"] if r["recipe"] != "concise"]
+    (docs / "results.json").write_text(json.dumps(records))
+    elsewhere = tmp_path / "elsewhere"
+    assert main([*args[:6], str(elsewhere), *args[7:], "--set", "evaluation.kl_prompts=2"]) == 0
+    made = {q.relative_to(elsewhere).parts[:2] for q in elsewhere.rglob("adapter_model.safetensors")}
+    assert made == {("concise", "seed0"), ("concise", "seed1"), ("multi", "seed0"), ("multi", "seed1")}
+    assert (elsewhere / "pirate" / "seed1" / "pairs" / "negation").is_dir()
+    after = {_key(r): r for r in json.loads((docs / "results.json").read_text())["runs"]}
+    assert all(after[_key(r)]["metrics"] == r["metrics"] for r in records["runs"])
+    assert {k for k in after if k[0] == "concise"} == {("concise", "plain", 0), ("concise", "plain", 1)}
+    assert all("multi" in after[("concise", "plain", s)]["metrics"]["models"] for s in (0, 1))
     # regenerating RESULTS.md keeps a hand-written discussion
     (docs / "RESULTS.md").write_text(text + "\n## Discussion\n\nkept\n")
     write_results(res, Plan({}, 2, out, docs))
@@ -499,6 +535,26 @@ def test_benchmark_methods_run_steering_self_reward_pairs_and_rounds_beside_plai
     assert f"`negation`, on-policy rounds (kept round per seed: {kept})" in rows
     assert ("`negation`, self-reward pairs" in rows) == ("self" in ran)
     assert (docs / "benchmark_tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((docs / "results.json").read_text())["runs"] == res["runs"]  # the records beside RESULTS.md
+    assert all(isinstance(r["made"]["machine"]["cpu_bf16"], bool) for r in res["runs"])
+    assert "Runs made on: " in text
+
+    # another machine, or a later sitting, has the docs but not the run directories: nothing is made again ...
+    args = ["benchmark", str(recipe), "--seeds", "1", "--docs", str(docs), "--pair-quality", "none", "--multi", "none",
+            "--methods", "pirate:negation"]
+    assert main([*args, "--out", str(tmp_path / "elsewhere")]) == 0
+    assert not list((tmp_path / "elsewhere").rglob("adapter_model.safetensors"))
+    kept = json.loads((docs / "results.json").read_text())
+    assert sorted(map(_key, kept["runs"])) == sorted(map(_key, res["runs"]))
+    assert all(r["metrics"] == ran[r["config"]]["metrics"] and r["made"] == ran[r["config"]]["made"] for r in kept["runs"])
+    assert (docs / "RESULTS.md").read_text().split("## Methods side by side")[1] == text.split("## Methods side by side")[1]
+    # ... but a run without a record: the rounds, made from the plain run's answers made again
+    kept["runs"] = [r for r in kept["runs"] if r["config"] != "rounds"]
+    (docs / "results.json").write_text(json.dumps(kept))
+    assert main([*args, "--out", str(tmp_path / "third")]) == 0
+    made = {q.relative_to(tmp_path / "third").parts[1] for q in (tmp_path / "third").rglob("adapter_model.safetensors")}
+    assert made == {"seed0-rounds"} and (tmp_path / "third" / "pirate" / "seed0" / "answers.jsonl").is_file()
+    assert {r["config"] for r in json.loads((docs / "results.json").read_text())["runs"]} == set(ran)
 
 
 def test_tradeoff_points_put_every_model_and_each_configs_variant_at_their_kl_and_trained_instruction_score():

@@ -1,15 +1,17 @@
 """The run manifest, `manifest.json`: what a run was made from, so it can be reproduced.
 
     {"cfdpo_manifest": 1, "created": ..., "recipe_sha256": ..., "inputs": {"prompts": ..., "model": ...},
-     "seeds": {...}, "packages": {...}, "python": ..., "git_commit": ..., "stages": {stage: {...}}}
+     "seeds": {...}, "packages": {...}, "python": ..., "git_commit": ..., "machine": {...},
+     "stages": {stage: {...}}}
 
 `inputs` are fixed when the run directory is made; reopening the directory with inputs that
 changed since (an edited prompt file, another model checkpoint) is refused, because the cached
 answers, pairs and adapters were made from the old ones. A local model is identified by the
 sha256 of its files' contents (`inputs.model.sha256`, see `models.model_sha256`); a manifest
-without it was written by an older cfdpo that hashed file sizes only, and is refused. `stages`
-records when each stage last finished (and the package versions / git commit, where they differ
-from the ones at the top); `stages.train.adapters` what each adapter was trained from (its
+without it was written by an older cfdpo that hashed file sizes only, and is refused. `machine`
+is `runtime.machine()` where the run directory was made. `stages` records when each stage last
+finished (and the package versions / git commit, where they differ from the ones at the top);
+`stages.train.adapters` what each adapter was trained from (its
 `identity.json`, see `train.adapter_identity`). Reopening a run with a recipe changed only in
 evaluation settings (`Recipe.only_evaluation_changed_from`) updates `recipe_sha256` and drops
 `stages.evaluate` and `stages.report`: those are due again, on the same answers, pairs and adapters.
@@ -24,6 +26,7 @@ import time
 from importlib import metadata, resources
 from pathlib import Path
 
+from cfdpo import runtime
 from cfdpo.errors import CfdpoError
 from cfdpo.recipe import Recipe
 from cfdpo.runio import file_sha256, read_json, write_json
@@ -82,6 +85,7 @@ def build(recipe: Recipe, model_path: str) -> dict:
         "packages": package_versions(),
         "python": platform.python_version(),
         "git_commit": git_commit(),
+        "machine": runtime.machine(),
         "stages": {},
     }
 

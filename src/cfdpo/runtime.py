@@ -36,6 +36,20 @@ def cpu_has_bf16() -> bool:
     return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
 
 
+def machine() -> dict:
+    """What a run was made on, for its manifest: the CPU's model name, whether it is taken as multiplying
+    bf16 natively (`cpu_has_bf16`, after `CFDPO_CPU_BF16`), and the CUDA device's name (None without one)."""
+    import torch
+
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in CPUINFO.read_text().splitlines()
+                    if line.startswith("model name")), None)
+    except OSError:
+        cpu = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cpu_bf16": cpu_has_bf16(), "gpu": gpu}
+
+
 def resolve_dtype(dtype: str, purpose: str = "generate") -> str:
     """`auto`: bf16 (fp16 without bf16) on a GPU; on a CPU bf16 for sampling answers where the CPU has
     native bf16 (decoding is bound by reading the weights, which bf16 halves) and float32 for

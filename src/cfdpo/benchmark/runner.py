@@ -9,6 +9,13 @@
       <name>/seed<s>-rounds/     iterative on-policy rounds (`dpo.rounds: 3`; method recipes)
       multi/seed<s>/             union of two recipes' pairs and the adapter trained on it
       results.json               every run's metrics, sizes and wall time; the runs skipped and why
+    docs/results.json            the same records beside RESULTS.md, to commit with it
+
+Run directories do not travel (a new machine, a later session starts without them); the records in
+`docs/results.json` do. A run whose directory holds no metrics but whose record there was made from
+the same derived recipe (and holds every model the run would evaluate) is not made again: its record
+is kept, with the machine it was made on (`made`, from the run's manifest). So a benchmark longer than
+one sitting goes on where the last one stopped, on whatever machine comes next.
 
 Seeds vary generation sampling and training (`generation.seed`, `dpo.seed`); `prompts.seed` is
 kept, so every seed is evaluated on the same held-out prompts. Evaluation is greedy, so the base
@@ -58,10 +65,13 @@ class ResultsStore:
     runs it finds finished."""
 
     def __init__(self, path: Path, command: str, seeds: int, recipes: Collection[str],
-                 on_save: Callable[[dict], object] = lambda results: None):
+                 on_save: Callable[[dict], object] = lambda results: None, archive: Path | None = None):
         self.path = path
         self.on_save = on_save  # e.g. rewrite RESULTS.md from the results
-        before = read_json(path) if path.is_file() else {"runs": []}
+        before = _merged(archive, path)
+        # records of this invocation's recipes whose run directories may be gone: kept instead of made again
+        self.archived = {_key(r): r for r in before["runs"] if r["recipe"] in recipes}
+        self.adopted: set[tuple[str, str, int]] = set()
         # every earlier invocation's wall time per run, also of runs the last one did not record, so a run
         # picked up again later keeps its whole cost
         self.earlier_seconds = {**before.get("earlier_seconds", {}), **{_name(r): r["seconds"] for r in before["runs"]}}
@@ -81,6 +91,20 @@ class ResultsStore:
             return None
         return self.earlier(recipe, config, seed)
 
+    def adopt(self, recipe: str, config: str, seed: int, run, expected: set[str]) -> bool:
+        """Keep the archived record of a run whose directory holds no metrics, where the record was made
+        from the same recipe (`run.recipe`) and holds every expected model; False: the run is to be made."""
+        rec = self.archived.get((recipe, config, seed))
+        if (run.dir / "metrics.json").is_file() or rec is None or not expected <= set(rec["metrics"]["models"]):
+            return False
+        if rec["recipe_data"] != run.recipe.model_dump(mode="json"):
+            return False
+        rec = {k: v for k, v in rec.items() if k != "command"}
+        self.results["runs"] = [r for r in self.results["runs"] if _key(r) != _key(rec)] + [rec]
+        self.adopted.add(_key(rec))
+        self.save()
+        return True
+
     def earlier(self, recipe: str, config: str, seed: int) -> float:
         """The seconds an earlier invocation recorded for this run (0 if none): a run picked up again, to be
         re-evaluated or to add a model, costs its earlier time plus this invocation's."""
@@ -91,6 +115,7 @@ class ResultsStore:
         self.results["runs"] = [r for r in self.results["runs"] if _key(r) != (recipe, config, seed)]
         self.results["runs"].append({
             "recipe": recipe, "config": config, "seed": seed, "dir": str(run.dir), "seconds": round(seconds, 1),
+            "made": made(run.dir),
             "recipe_data": run.recipe.model_dump(mode="json"), "metrics": read_json(run.dir / "metrics.json"),
             "pairs": {v: read_json(run.dir / "pairs" / v / "stats.json") for v in run.recipe.variants
                       if (run.dir / "pairs" / v / "stats.json").is_file()},
@@ -117,6 +142,30 @@ class ResultsStore:
     def save(self) -> None:
         write_json(self.path, self.results)
         self.on_save(self.results)
+
+
+def _merged(archive: Path | None, path: Path) -> dict:
+    """The records of `archive` (docs/results.json) overlaid with those of `path` (out/results.json), which
+    win for the same run; the top-level fields and earlier wall times of both, `path`'s first."""
+    files = [read_json(p) for p in (archive, path) if p is not None and p.is_file()]
+    if not files:
+        return {"runs": []}
+    merged = {**files[0], **files[-1]}
+    for key in ("runs", "skipped"):
+        rows = {}
+        for f in files:  # each record keeps the command of the file it comes from
+            rows.update({_key(r): {**r, "command": r.get("command", f.get("command", ""))} for r in f.get(key, [])})
+        merged[key] = list(rows.values())
+    merged["earlier_seconds"] = {k: v for f in files for k, v in f.get("earlier_seconds", {}).items()}
+    return merged
+
+
+def made(run_dir: Path) -> dict:
+    """Where and when a run was made, from its manifest: creation time, git commit, torch, machine."""
+    path = run_dir / "manifest.json"
+    m = read_json(path) if path.is_file() else {}
+    return {"created": m.get("created"), "git_commit": m.get("git_commit"),
+            "torch": (m.get("packages") or {}).get("torch"), "machine": m.get("machine")}
 
 
 def union_pairs(parts: dict[str, list[dict]], seed: int) -> list[dict]:
@@ -162,8 +211,14 @@ def run_benchmark(plan: Plan) -> dict:
         extra.setdefault(name, {}).update({c: v for c in METHODS})
     steered = {name for name, _ in plan.methods}
     sampled = {name for name, _ in plan.pair_quality}  # their plain runs answer with --samples (best-of-k's k)
-    store = ResultsStore(plan.out / "results.json", plan.command, plan.seeds, list(recipes),
-                         on_save=lambda results: write_results(results, plan))  # RESULTS.md after every run
+    archive = plan.docs / "results.json"
+
+    def save(results: dict) -> None:  # the records and RESULTS.md beside them, after every run
+        write_json(archive, results)
+        write_results(results, plan)
+
+    store = ResultsStore(plan.out / "results.json", plan.command, plan.seeds, list(recipes), on_save=save, archive=archive)
+    multi_names = {n for n, _ in plan.multi} if len(plan.multi) >= 2 else set()
     t_all = time.perf_counter()
 
     for seed in range(plan.seeds):
@@ -179,27 +234,34 @@ def run_benchmark(plan: Plan) -> dict:
             run = _open(plan, data, f"{name}-seed{seed}", run_dir)
             sft = any(v in run.recipe.variants for v in SFT_SOURCES)
             expected = set(run.recipe.variants) | ({"sft"} if sft else set()) | set(run.recipe.evaluation.baselines)
-            old = store.finished(name, "plain", seed, run_dir, expected)
-            if old is None:
-                _log(f"{name} seed {seed}: plain run{' + SFT' if sft else ''}")
-                try:
-                    pipeline.run_all(run, sft=sft)
-                except CfdpoError as e:  # e.g. no pairs left after filtering: report it, run the rest
-                    _log(f"{name} seed {seed}: failed: {e}")
-                    store.skip(name, "plain", seed, str(e))
-                    continue
+            if store.adopt(name, "plain", seed, run, expected | ({"multi"} if name in multi_names else set())):
+                _log(f"{name} seed {seed}: plain run kept from {archive}")
+            else:
+                old = store.finished(name, "plain", seed, run_dir, expected)
+                if old is None:
+                    _log(f"{name} seed {seed}: plain run{' + SFT' if sft else ''}")
+                    try:
+                        pipeline.run_all(run, sft=sft)
+                    except CfdpoError as e:  # e.g. no pairs left after filtering: report it, run the rest
+                        _log(f"{name} seed {seed}: failed: {e}")
+                        store.skip(name, "plain", seed, str(e))
+                        continue
+                store.record(name, "plain", seed, run, time.perf_counter() - t0 + store.earlier(name, "plain", seed))
             plain_runs[name] = run
-            store.record(name, "plain", seed, run, time.perf_counter() - t0 + store.earlier(name, "plain", seed))
             for config, variant in extra.get(name, {}).items():
                 t0 = time.perf_counter()
                 qdir = plan.out / name / f"seed{seed}-{config}"
-                qdir.mkdir(parents=True, exist_ok=True)
-                if not (qdir / "answers.jsonl").exists():
-                    shutil.copyfile(run_dir / "answers.jsonl", qdir / "answers.jsonl")
-                _copy_eval_cache(run_dir, qdir)
                 qdata = derive(recipe, seed, plan.sizes, name in sampled, CONFIGS[config], [variant],
                               settings=plan.settings_for(name))
                 qrun = _open(plan, qdata, f"{name}-seed{seed}-{config}", qdir)
+                if store.adopt(name, config, seed, qrun, {variant}):
+                    _log(f"{name} seed {seed}: {config} kept from {archive}")
+                    continue
+                if not (run_dir / "answers.jsonl").exists():  # the plain run was kept from the archive
+                    pipeline.generate(run)
+                if not (qdir / "answers.jsonl").exists():
+                    shutil.copyfile(run_dir / "answers.jsonl", qdir / "answers.jsonl")
+                _copy_eval_cache(run_dir, qdir)
                 old = store.finished(name, config, seed, qdir, {variant})
                 if old is None:
                     _log(f"{name} seed {seed}: {config}, variant {variant}")
@@ -213,12 +275,18 @@ def run_benchmark(plan: Plan) -> dict:
                     pipeline.report(qrun)
                 store.record(name, config, seed, qrun, time.perf_counter() - t0 + store.earlier(name, config, seed))
             # the multi-behaviour adapter as soon as its recipes' pairs exist
-            if not multi_done and len(plan.multi) >= 2 and all(n in plain_runs for n, _ in plan.multi):
+            if not multi_done and multi_names and all(n in plain_runs for n in multi_names):
                 multi_done = True
+                archived = {n for n in multi_names if (n, "plain", seed) in store.adopted}  # their records hold multi
+                if archived == multi_names:
+                    continue
                 t0 = time.perf_counter()
                 _log(f"seed {seed}: multi-behaviour adapter on {' + '.join(f'{n}:{v}' for n, v in plan.multi)}")
+                for mname in archived:  # the pairs of a run kept from the archive are made again here
+                    pipeline.generate(plain_runs[mname])
+                    pipeline.build_pairs(plain_runs[mname])
                 adapter = train_multi(plan, plain_runs, seed)
-                for mname, _ in plan.multi:
+                for mname in sorted(multi_names - archived, key=[n for n, _ in plan.multi].index):
                     mrun = plain_runs[mname]
                     dst = mrun.dir / "adapters" / "multi"
                     if store.finished(mname, "plain", seed, mrun.dir, {"multi"}) is not None and same_adapter(adapter, dst):

@@ -178,14 +178,30 @@ def targets_lines(results: dict, targets: Targets) -> list[str]:
 
 
 def kept_lines(results: dict) -> list[str]:
-    """Where runs of recipes this command did not run come from: the earlier benchmark into the same --out."""
+    """Where runs of recipes this command did not run come from: an earlier benchmark's records."""
     earlier: dict[str, set[str]] = {}
     for r in results["runs"] + results.get("skipped", []):
         if "command" in r:
             earlier.setdefault(r["command"], set()).add(r["recipe"])
     return [line for cmd, recipes in earlier.items() for line in
-            (f"The runs of {', '.join(sorted(recipes))} are kept from an earlier benchmark into the same directory:",
+            (f"The runs of {', '.join(sorted(recipes))} are kept from the records of an earlier benchmark:",
              "", "```", cmd, "```", "")]
+
+
+def made_line(results: dict) -> str:
+    """Which machines made the runs (a benchmark longer than one sitting goes on where it stopped, maybe
+    elsewhere): per machine, how many runs and from which commits."""
+    by: dict[str, list[dict]] = {}
+    for r in results["runs"]:
+        m = (r.get("made") or {}).get("machine")
+        what = "not recorded" if not m else (
+            f"{m.get('gpu') or m.get('cpu') or 'unknown CPU'}, {'native' if m.get('cpu_bf16') else 'no native'} bf16")
+        by.setdefault(what, []).append(r)
+    parts = []
+    for what, runs in by.items():
+        commits = sorted({(r["made"].get("git_commit") or "?")[:7] for r in runs if r.get("made")})
+        parts.append(f"{what}: {len(runs)} run{'s' * (len(runs) != 1)}" + (f" (commits {', '.join(commits)})" if commits else ""))
+    return "Runs made on: " + "; ".join(parts) + "."
 
 
 def render_results(results: dict, plan: Plan, plots: list[Path]) -> str:
@@ -206,7 +222,8 @@ def render_results(results: dict, plan: Plan, plots: list[Path]) -> str:
         "seed the run's own (bootstrap over prompts for scores, retention and KL; ± 1.96 standard errors for the MCQ "
         "accuracy; Wilson's for the share of repeated answers), for several seeds the mean over seeds and its t "
         "interval over seeds (the run's own where a model gives the same value in every seed). "
-        "Evaluation decoding is greedy, so `base` and `prompted` do not vary across seeds.", "",
+        "Evaluation decoding is greedy, so `base` and `prompted` do not vary across seeds. " + made_line(results)
+        + " The records are in results.json beside this file; a run found there is not made again.", "",
         "Models: `base` the model as it is; `prompted` the base model given the treatment instruction at inference "
         "(the teacher; for pirate under the negative prompt it gets both instructions; for a recipe with only a negative "
         "instruction, the prompt without it); `sft` context-distillation "
