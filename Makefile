@@ -32,7 +32,8 @@ demo: $(STAMP)
 
 # Tests whose code path depends on the CPU kind (bf16 where it is native, fp32 elsewhere): run again
 # with each path forced, so CI on either kind of CPU exercises both.
-DTYPE_TESTS := tests/test_integration.py tests/test_generate.py tests/test_train_head.py tests/test_runtime.py
+DTYPE_TESTS := tests/test_integration.py tests/test_generate.py tests/test_train_head.py tests/test_runtime.py \
+               tests/test_rounds.py tests/test_serve.py
 
 test: $(STAMP) browser
 	$(BIN)/ruff check .

@@ -88,6 +88,7 @@ def test_round_two_answers_with_round_one_adapter_and_trains_on_from_it(two_roun
     from cfdpo.evaluate import adapter_hash
     from cfdpo.generate import GenParams
     from cfdpo.models import load_model, load_tokenizer
+    from cfdpo.runtime import resolve_dtype
 
     d, r = two_rounds.dir, two_rounds.recipe
     first = d / "rounds" / "1" / "adapters" / "dis"
@@ -97,8 +98,9 @@ def test_round_two_answers_with_round_one_adapter_and_trains_on_from_it(two_roun
     # the same answers as the base model with round 1's adapter applied, generated directly
     tok = load_tokenizer(two_rounds.model_path)
     tok.padding_side = "left"
-    model = PeftModel.from_pretrained(load_model(two_rounds.model_path), str(first)).eval()
     g = r.generation
+    # in the dtype the rounds generate in (bf16 on a CPU with native bf16)
+    model = PeftModel.from_pretrained(load_model(two_rounds.model_path, resolve_dtype(g.dtype)), str(first)).eval()
     direct: dict[int, str] = {}
     with torch.no_grad():
         generate_answers(model, tok, [row["messages"] for row in rows], GenParams(g.max_new_tokens, g.temperature, g.top_p),

@@ -34,6 +34,7 @@ class Reply:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    token_ids: tuple[int, ...] = ()  # the generated tokens (without the stop token) that `text` decodes
 
 
 def read_run(run_dir: str | Path) -> tuple[Recipe, dict[str, Path]]:
@@ -105,13 +106,18 @@ class RunModel:
                 batch_size: int = 1) -> list[Reply]:
         """One answer per conversation, `batch_size` conversations at a time."""
         got: dict[int, tuple[str, int]] = {}
+        ids: dict[int, list[int]] = {}
 
         def keep(indices, answers, counts):
             got.update((i, (texts[0], tokens[0])) for i, texts, tokens in zip(indices, answers, counts))
 
+        def keep_ids(indices, token_ids):
+            ids.update((i, seqs[0]) for i, seqs in zip(indices, token_ids))
+
         with self.using(name) as model:
-            generate_answers(model, self.tokenizer, conversations, params, [1] * len(conversations), batch_size, seed, keep)
-        return [Reply(got[i][0], len(self.prompt_ids(c)), got[i][1]) for i, c in enumerate(conversations)]
+            generate_answers(model, self.tokenizer, conversations, params, [1] * len(conversations), batch_size, seed, keep,
+                             on_ids=keep_ids)
+        return [Reply(got[i][0], len(self.prompt_ids(c)), got[i][1], tuple(ids[i])) for i, c in enumerate(conversations)]
 
 
 def load_run_model(run_dir: str | Path, trust_remote_code: bool = False) -> RunModel:

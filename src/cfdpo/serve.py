@@ -24,7 +24,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cfdpo.chat import GenParams, RunModel, load_run_model
+from cfdpo.chat import GenParams, Reply, RunModel, load_run_model
 from cfdpo.errors import CfdpoError
 
 TOP_LOGPROBS_MAX = 20  # OpenAI's own limit
@@ -71,14 +71,17 @@ def with_run_system(messages: list[dict], run_model: RunModel) -> list[dict]:
     return messages
 
 
-def token_logprobs(run_model: RunModel, messages: list[dict], text: str, name: str, top: int) -> list[dict]:
-    """OpenAI `logprobs.content` for `text` as the answer to `messages`: each token's log-probability
-    and the `top` most likely tokens at its position."""
+def token_logprobs(run_model: RunModel, messages: list[dict], reply: Reply, name: str, top: int) -> list[dict]:
+    """OpenAI `logprobs.content` for `reply`: each generated token's log-probability and the `top` most
+    likely tokens at its position. The tokens are the ones generated (`reply.token_ids`), not an encoding
+    of the text, which need not give them back; the answer text is stripped of surrounding whitespace, so
+    whitespace-only tokens at either end are left out and the first and last pieces are trimmed, so that the
+    pieces join to the text."""
     import torch
 
     tokenizer = run_model.tokenizer
     prompt = run_model.prompt_ids(messages)
-    answer = tokenizer.encode(text, add_special_tokens=False)
+    answer = list(reply.token_ids)
     if not answer:
         return []
     with run_model.using(name) as model, torch.inference_mode():
@@ -88,14 +91,21 @@ def token_logprobs(run_model: RunModel, messages: list[dict], text: str, name: s
     chosen = logp.gather(-1, torch.tensor(answer)[:, None])[:, 0].tolist()
     best = logp.topk(top, dim=-1) if top else None
 
-    def entry(token_id: int, value: float) -> dict:
-        piece = tokenizer.decode([token_id])
+    def entry(piece: str, value: float) -> dict:
         return {"token": piece, "logprob": value, "bytes": list(piece.encode("utf-8"))}
 
+    pieces = [tokenizer.decode([t]) for t in answer]
+    keep = [i for i, piece in enumerate(pieces) if piece.strip()]
+    if keep:
+        first, last = keep[0], keep[-1]
+        pieces[first] = pieces[first].lstrip()
+        pieces[last] = pieces[last].rstrip()
+        keep = list(range(first, last + 1))
     return [
-        {**entry(tok, chosen[i]),
-         "top_logprobs": [entry(t, v) for t, v in zip(best.indices[i].tolist(), best.values[i].tolist())] if best else []}
-        for i, tok in enumerate(answer)
+        {**entry(pieces[i], chosen[i]),
+         "top_logprobs": [entry(tokenizer.decode([t]), v) for t, v in zip(best.indices[i].tolist(), best.values[i].tolist())]
+         if best else []}
+        for i in keep
     ]
 
 
@@ -118,7 +128,7 @@ def complete(run_model: RunModel, request: ChatRequest, default_max_tokens: int)
     }
     if request.logprobs:
         top = request.top_logprobs or 0
-        choice["logprobs"] = {"content": token_logprobs(run_model, messages, reply.text, request.model, top)}
+        choice["logprobs"] = {"content": token_logprobs(run_model, messages, reply, request.model, top)}
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
         "model": request.model, "choices": [choice],

@@ -203,6 +203,7 @@ def generate_answers(
     model, tokenizer, conversations: Sequence[list[dict]], params: GenParams, num_samples: Sequence[int],
     batch_size: int, seed: int, on_batch: Callable[[list[int], list[list[str]], list[list[int]]], None],
     todo: Collection[int] | None = None, adapter_names: Sequence[str] | None = None,
+    on_ids: Callable[[list[int], list[list[list[int]]]], None] | None = None,
 ) -> None:
     """Generate `num_samples[i]` answers for each conversation, batched by prompt length.
 
@@ -212,6 +213,9 @@ def generate_answers(
     Calls `on_batch(indices, answers, token_counts)` after each batch so the caller can persist
     results as they come. The k samples of one conversation share one prefill (see `decode`).
     `adapter_names` (one per conversation) runs each under its own PEFT adapter (see `decode`).
+    `on_ids(indices, token_ids)`, where given, gets each answer's generated token ids (without the stop
+    token): the answer text is their decoding with surrounding whitespace stripped, which does not
+    always encode back to them.
     """
     import torch
 
@@ -241,18 +245,22 @@ def generate_answers(
                 new = decode(model, [encoded[i] for i in batch], pad_id, k, params, stop_ids.to(device),
                              seed * 1_000_003 + b,
                              None if adapter_names is None else [adapter_names[i] for i in batch]).cpu()
-            answers, counts = [], []
+            answers, counts, ids = [], [], []
             for r in range(len(batch)):
-                texts, toks = [], []
+                texts, toks, seqs = [], [], []
                 for j in range(k):
                     seq = new[r * k + j]
                     stop = torch.isin(seq, stop_ids)
                     n = int(stop.nonzero()[0]) + 1 if stop.any() else len(seq)
                     toks.append(n)
                     texts.append(tokenizer.decode(seq[:n], skip_special_tokens=True).strip())
+                    seqs.append(seq[: n - 1 if stop.any() else n].tolist())
                 answers.append(texts)
                 counts.append(toks)
+                ids.append(seqs)
             on_batch(batch, answers, counts)
+            if on_ids is not None:
+                on_ids(batch, ids)
 
 
 class TransformersGenerator:
