@@ -14,7 +14,7 @@ from cfdpo import variants as variant_table
 from cfdpo.benchmark.aggregate import mean_std, t975, t_interval
 from cfdpo.benchmark.plan import Plan
 from cfdpo.benchmark.runner import ResultsStore, _copy_eval_cache, _key, union_pairs
-from cfdpo.benchmark.tables import fmt_ms, render_results, scorecard_table, write_results
+from cfdpo.benchmark.tables import fmt_ms, made_line, render_results, scorecard_table, write_results
 from cfdpo.benchmark.targets import load_targets, target_rows
 from cfdpo.errors import CfdpoError
 from cfdpo.likelihood import continuation_logprobs, load_mcq, mcq_accuracy, mcq_context, shared_context_logprobs
@@ -300,6 +300,15 @@ def test_results_store_records_runs_and_skips_with_reasons(tmp_path):
     other.record("names", "plain", 0, run, 5.0)
     third = ResultsStore(tmp_path / "results.json", "cfdpo benchmark x", 2, ["concise"])
     assert third.earlier("concise", "plain", 0) == 20.0 and third.earlier("names", "plain", 0) == 5.0
+
+
+def test_results_say_which_machines_made_the_runs():
+    def run(cpu, bf16, commit):
+        return {"made": {"git_commit": commit, "machine": {"cpu": cpu, "cpu_bf16": bf16, "gpu": None}}}
+
+    runs = [run("AMD EPYC", False, "a" * 40), run("AMD EPYC", True, "b" * 40), run("AMD EPYC", False, "c" * 40), {}]
+    assert made_line({"runs": runs}) == ("Runs made on: AMD EPYC, no native bf16: 2 runs (commits aaaaaaa, ccccccc); "
+                                         "AMD EPYC, native bf16: 1 run (commits bbbbbbb); not recorded: 1 run.")
 
 
 def test_results_store_keeps_an_archived_record_only_for_the_same_recipe_and_models(tmp_path):
