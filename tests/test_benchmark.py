@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -312,25 +313,40 @@ def test_results_say_which_machines_made_the_runs():
 
 
 def test_results_store_keeps_an_archived_record_only_for_the_same_recipe_and_models(tmp_path):
+    from cfdpo.recipe import Recipe
+
+    recipe = Recipe.model_validate(tiny_recipe(tmp_path / "model", variants=["enc"]))
+    data = recipe.model_dump(mode="json")
     archive = tmp_path / "docs" / "results.json"
     archive.parent.mkdir()
-    rec = {"recipe": "concise", "config": "plain", "seed": 0, "seconds": 9.0, "recipe_data": {"variants": ["enc"]},
+    rec = {"recipe": "concise", "config": "plain", "seed": 0, "seconds": 9.0, "recipe_data": data,
            "metrics": {"models": {"base": {}, "enc": {}}}, "made": {"machine": {"cpu": "X"}}}
-    archive.write_text(json.dumps({"command": "cfdpo benchmark concise", "runs": [rec]}))
-    store = ResultsStore(tmp_path / "out" / "results.json", "cfdpo benchmark concise", 1, ["concise"], archive=archive)
     (tmp_path / "run").mkdir()
 
-    def run(data):
-        return SimpleNamespace(dir=tmp_path / "run", recipe=SimpleNamespace(model_dump=lambda mode: data))
+    def store_of(record):  # the archive alone: no out/results.json of an earlier invocation
+        archive.write_text(json.dumps({"command": "cfdpo benchmark concise", "runs": [record]}))
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        return ResultsStore(tmp_path / "out" / "results.json", "cfdpo benchmark concise", 1, ["concise"], archive=archive)
 
-    assert not store.adopt("concise", "plain", 0, run({"variants": ["enc"], "dpo": {"beta": 0.2}}), {"enc"})  # other recipe
-    assert not store.adopt("concise", "plain", 0, run({"variants": ["enc"]}), {"enc", "sft"})  # a model it lacks
-    assert not store.adopt("concise", "plain", 1, run({"variants": ["enc"]}), {"enc"})  # no record
+    def run(**update):
+        return SimpleNamespace(dir=tmp_path / "run", recipe=recipe.model_copy(update=update))
+
+    store = store_of(rec)
+    assert not store.adopt("concise", "plain", 0, run(dpo=recipe.dpo.model_copy(update={"beta": 0.2})), {"enc"})
+    assert not store.adopt("concise", "plain", 0, run(), {"enc", "sft"})  # a model it lacks
+    assert not store.adopt("concise", "plain", 1, run(), {"enc"})  # no record
     assert store.results["runs"] == []
-    assert store.adopt("concise", "plain", 0, run({"variants": ["enc"]}), {"enc"})
+    assert store.adopt("concise", "plain", 0, run(), {"enc"})
     assert store.results["runs"] == [rec] and store.earlier("concise", "plain", 0) == 9.0
+    # a field added to the format since the record was made reads as its default: still the same recipe ...
+    older = {**rec, "recipe_data": {**data, "dpo": {k: v for k, v in data["dpo"].items() if k != "rounds"}}}
+    assert store_of(older).adopt("concise", "plain", 0, run(), {"enc"})
+    # ... unless this run sets it otherwise; and a field the format no longer has makes the record stale
+    assert not store_of(older).adopt("concise", "plain", 0, run(dpo=recipe.dpo.model_copy(update={"rounds": 2})), {"enc"})
+    gone = {**rec, "recipe_data": {**data, "dpo": {**data["dpo"], "gone": 1}}}
+    assert not store_of(gone).adopt("concise", "plain", 0, run(), {"enc"})
     (tmp_path / "run" / "metrics.json").write_text("{}")  # a run directory with metrics is recorded from, not the archive
-    assert not store.adopt("concise", "plain", 0, run({"variants": ["enc"]}), {"enc"})
+    assert not store_of(rec).adopt("concise", "plain", 0, run(), {"enc"})
 
 
 def test_a_benchmark_of_other_recipes_keeps_the_earlier_ones_results(tmp_path):

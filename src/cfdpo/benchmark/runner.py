@@ -97,7 +97,7 @@ class ResultsStore:
         rec = self.archived.get((recipe, config, seed))
         if (run.dir / "metrics.json").is_file() or rec is None or not expected <= set(rec["metrics"]["models"]):
             return False
-        if rec["recipe_data"] != run.recipe.model_dump(mode="json"):
+        if not same_recipe(rec["recipe_data"], run.recipe):
             return False
         rec = {k: v for k, v in rec.items() if k != "command"}
         self.results["runs"] = [r for r in self.results["runs"] if _key(r) != _key(rec)] + [rec]
@@ -158,6 +158,16 @@ def _merged(archive: Path | None, path: Path) -> dict:
         merged[key] = list(rows.values())
     merged["earlier_seconds"] = {k: v for f in files for k, v in f.get("earlier_seconds", {}).items()}
     return merged
+
+
+def same_recipe(data: dict, recipe) -> bool:
+    """A record's recipe (`recipe_data`) is `recipe`: read as a recipe now, so a field added to the format
+    since the record was made counts as its default (the setting the record was made with), while a
+    changed value, a changed default or a field since removed makes the record stale."""
+    try:
+        return type(recipe).model_validate(data) == recipe
+    except ValueError:  # pydantic's ValidationError: a field the format no longer has, or no longer allows
+        return False
 
 
 def made(run_dir: Path) -> dict:
