@@ -171,3 +171,22 @@ def test_launch_bad_input_is_one_line_exit_2(args, message, tmp_path, monkeypatc
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("world, code, calls", [("2", 0, ["barrier", "destroy"]), ("2", 2, ["destroy"]), ("1", 0, [])])
+def test_the_cli_leaves_the_process_group_before_exit(world, code, calls, monkeypatch):
+    """A gloo group left to the interpreter's teardown once aborted rank 1 after `cfdpo train` had finished
+    (SIGABRT, "terminate called without an active exception"): every command leaves it, after a barrier
+    when it succeeded (no rank closes its connections while another still reads from them)."""
+    import torch.distributed as tdist
+
+    import cfdpo.cli as cli
+
+    seen: list[str] = []
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setattr(cli, "_main", lambda argv: code)
+    monkeypatch.setattr(tdist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tdist, "barrier", lambda: seen.append("barrier"))
+    monkeypatch.setattr(tdist, "destroy_process_group", lambda: seen.append("destroy"))
+    assert cli.main(["scorers"]) == code
+    assert seen == calls

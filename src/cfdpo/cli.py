@@ -327,6 +327,15 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: the exit code of one command (0 done, 2 bad input, 1 the machine or a bug, 130 interrupted)."""
+    from cfdpo import dist
+
+    code = _main(argv)
+    dist.finish(clean=code == 0)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     from cfdpo.runtime import configure_openmp
 
     configure_openmp()  # before anything imports torch

@@ -60,6 +60,21 @@ def init() -> None:
         PartialState(cpu=not torch.cuda.is_available())
 
 
+def finish(clean: bool) -> None:
+    """Leave the process group before the process exits (a no-op where none was joined): a gloo group
+    left to the interpreter's teardown can abort a rank after its work is done ("terminate called
+    without an active exception", SIGABRT). `clean`: every rank got this far, so they first wait for
+    each other, and no rank closes its connections while another still reads from them."""
+    if world() == 1:
+        return
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        if clean:
+            tdist.barrier()
+        tdist.destroy_process_group()
+
+
 def barrier() -> None:
     if world() > 1 and not _main_only:
         import torch.distributed as tdist
