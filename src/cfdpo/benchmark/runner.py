@@ -75,9 +75,8 @@ class ResultsStore:
         # every earlier invocation's wall time per run, also of runs the last one did not record, so a run
         # picked up again later keeps its whole cost
         self.earlier_seconds = {**before.get("earlier_seconds", {}), **{_name(r): r["seconds"] for r in before["runs"]}}
-        kept = [{**r, "command": r.get("command", before.get("command", ""))} for r in before["runs"] if r["recipe"] not in recipes]
-        skipped = [{**sk, "command": sk.get("command", before.get("command", ""))}
-                   for sk in before.get("skipped", []) if sk["recipe"] not in recipes]
+        kept = [r for r in before["runs"] if r["recipe"] not in recipes]  # each with its command (`_merged`)
+        skipped = [sk for sk in before.get("skipped", []) if sk["recipe"] not in recipes]
         self.results: dict = {"command": command, "seeds": seeds, "runs": kept, "started": _now(),
                               "earlier_seconds": self.earlier_seconds, **({"skipped": skipped} if skipped else {})}
 
