@@ -15,7 +15,7 @@ from cfdpo import variants as variant_table
 from cfdpo.benchmark.aggregate import mean_std, t975, t_interval
 from cfdpo.benchmark.plan import Plan
 from cfdpo.benchmark.runner import ResultsStore, _copy_eval_cache, _key, union_pairs
-from cfdpo.benchmark.tables import fmt_ms, made_line, render_results, scorecard_table, write_results
+from cfdpo.benchmark.tables import fmt_ms, made_line, render_results, scorecard_table, targets_lines, write_results
 from cfdpo.benchmark.targets import load_targets, target_rows
 from cfdpo.errors import CfdpoError
 from cfdpo.likelihood import continuation_logprobs, load_mcq, mcq_accuracy, mcq_context, shared_context_logprobs
@@ -193,9 +193,37 @@ def test_target_rules_judge_every_comparison():
         # base 2.0 -> prompted 1.0: the adapter's 0.2 is 180% of that way
         {"target": "way", "value": "0.200 from base 2.000 toward prompted 1.000 (180% of the way)", "met": False,
          "gap": "+10 points", "interval": "[52.9, 307] (2 seeds)"},  # per seed 190% and 170%
-        {"target": "no way", "value": "0.000 from base 0.000 toward prompted 0.000 (no gap to close)", "met": False,
+        {"target": "no way", "value": "0.000 from base 0.000 toward prompted 0.000 (no gap to close)", "met": None,
          "gap": "", "interval": "n=0 seeds"},
     ]
+
+
+def test_a_way_to_a_teacher_within_noise_of_base_is_not_measurable(tmp_path):
+    runs = _fake_results()
+    rule = {"recipe": "pirate", "model": "negation", "checks": [
+        {"label": "way", "metric": "negative.score", "compare": "way_to", "start": "base", "reference": "prompted",
+         "threshold": 50}]}
+    targets = load_targets_from({"targets": [rule]})
+    met = target_rows(runs, targets)[0]
+    assert met["met"] is True and "(180% of the way)" in met["value"]  # no pairing recorded: judged as before
+
+    def pair(distinguishable):
+        return {"negative": {"vs_base": {"diff": -1.0, "ci95": [-2.1, 0.1] if not distinguishable else [-1.5, -0.5],
+                                         "n": 24, "distinguishable": distinguishable}}}
+
+    for run in runs["runs"]:
+        run["metrics"]["models"]["prompted"]["conditions"] = pair(True)
+    assert target_rows(runs, targets)[0] == met  # a teacher distinguishable from base: judged
+    runs["runs"][0]["metrics"]["models"]["prompted"]["conditions"] = pair(False)
+    assert target_rows(runs, targets)[0] == met  # distinguishable in one seed: judged
+    for run in runs["runs"]:
+        run["metrics"]["models"]["prompted"]["conditions"] = pair(False)
+    row = target_rows(runs, targets)[0]
+    assert row["met"] is None and row["gap"] == "" and row["value"] == (
+        "0.200 from base 2.000 toward prompted 1.000 (180% of the way); not measurable: prompted not "
+        "distinguishable from base (difference -1 [-2.1, 0.1], n=24)")
+    text = "\n".join(targets_lines(runs, targets))
+    assert "| not measurable |" in text and "0 of 0 targets met; 1 not measurable" in text
 
 
 def test_target_rules_pick_models_by_list_or_every_one_but_the_excluded():
@@ -365,7 +393,10 @@ def test_a_benchmark_of_other_recipes_keeps_the_earlier_ones_results(tmp_path):
     assert "## pirate" in text
 
 
-def test_benchmark_end_to_end_tiny_model(tiny_model, tmp_path):
+def test_benchmark_end_to_end_tiny_model(tiny_model, tmp_path, monkeypatch):
+    import time
+    from types import SimpleNamespace
+
     from cfdpo.cli import main
 
     small = {"prompts": {"source": "general", "train_size": 4, "eval_size": 2, "seed": 1},
@@ -415,11 +446,16 @@ def test_benchmark_end_to_end_tiny_model(tiny_model, tmp_path):
     # a rerun of the same command resumes: finished runs are neither retrained nor re-evaluated
     stamps = {q: q.stat().st_mtime_ns for q in out.rglob("adapter_model.safetensors")}
     metrics_before = (out / "pirate" / "seed1" / "metrics.json").read_bytes()
-    assert main(args) == 0
+    ticks = iter(range(0, 10**6, 60))  # a clock that moves a minute per reading: any time counted would show
+    with monkeypatch.context() as m:
+        m.setattr("cfdpo.benchmark.runner.time", SimpleNamespace(perf_counter=lambda: next(ticks), strftime=time.strftime))
+        assert main(args) == 0
     assert {q: q.stat().st_mtime_ns for q in out.rglob("adapter_model.safetensors")} == stamps
     assert (out / "pirate" / "seed1" / "metrics.json").read_bytes() == metrics_before
     rerun = json.loads((out / "results.json").read_text())
     assert len(rerun["runs"]) == len(res["runs"]) and rerun.get("skipped") == res.get("skipped")
+    # finished runs keep their recorded wall time: checking them costs none
+    assert {_key(r): r["seconds"] for r in rerun["runs"]} == {_key(r): r["seconds"] for r in res["runs"]}
     # a changed evaluation setting re-evaluates every run in place, on the same adapters
     assert main([*args, "--set", "evaluation.kl_prompts=2"]) == 0
     assert {q: q.stat().st_mtime_ns for q in out.rglob("adapter_model.safetensors")} == stamps

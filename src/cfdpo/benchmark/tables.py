@@ -171,10 +171,13 @@ def targets_lines(results: dict, targets: Targets) -> list[str]:
         return ["No target rules given (`cfdpo benchmark --targets FILE`).", ""]
     rows = target_rows(results, targets)
     head = ["target", "measured (mean over seeds)", "95% interval over seeds", "met", "margin (+: missed by)"]
+    verdict = {True: "yes", False: "**no**", None: "not measurable"}
+    judged = [t for t in rows if t["met"] is not None]
+    unmeasured = len(rows) - len(judged)
     return [f"Rules from `{targets.source}`; met or not is judged on the mean.", "",
-            *md_table(head, [[t["target"], t["value"], t["interval"], "yes" if t["met"] else "**no**", t["gap"]]
-                             for t in rows]),
-            "", f"{sum(t['met'] for t in rows)} of {len(rows)} targets met.", ""]
+            *md_table(head, [[t["target"], t["value"], t["interval"], verdict[t["met"]], t["gap"]] for t in rows]),
+            "", f"{sum(t['met'] for t in judged)} of {len(judged)} targets met"
+            + (f"; {unmeasured} not measurable (a way to a reference within noise of its start)." if unmeasured else "."), ""]
 
 
 def kept_lines(results: dict) -> list[str]:

@@ -28,6 +28,9 @@ share of the way, per seed):
 - points_from: a fraction (an accuracy) within `threshold` percentage points of the reference's;
 - way_to: the mean has gone at least `threshold` % of the way from the start model's mean to the
   reference's (ENC's "50 % of the way from base to the prompted teacher": start base, reference prompted).
+  A way of length zero, or (start base) one whose reference is not distinguishable from base on the
+  metric's condition (its paired `vs_base` interval covers 0 in every seed), is not measurable: the row
+  says so and is neither met nor missed (`met` None), since a share of a gap within noise is noise.
 A rule whose runs or metrics are missing gives no row.
 """
 
@@ -98,8 +101,8 @@ class Check(_Strict):
         if self.compare == "way_to":
             seen = f"{value:.{d}f} from {self.start} {start:.{d}f} toward {name} {ref:.{d}f}"
             way = self.measure(value, ref, start)
-            if way is None:  # no way to go: reported, never met
-                return {"value": f"{seen} (no gap to close)", "met": False, "gap": ""}
+            if way is None:  # no way to go: reported, not judged
+                return {"value": f"{seen} (no gap to close)", "met": None, "gap": ""}
             return {"value": f"{seen} ({way:.0f}% of the way)", "met": way >= t, "gap": f"{t - way:+.0f} points"}
         if self.compare == "points_from":
             diff = 100 * (value - ref)
@@ -179,10 +182,28 @@ def target_rows(results: dict, targets: Targets) -> list[dict]:
                         if value is None or (check.reference and ref is None) or (check.start and start is None):
                             continue
                         per_seed = [check.measure(v, r, s) for v, r, s in zip(values, refs, starts) if v is not None]
-                        rows.append({"target": check.label.format(recipe=recipe, config=config, model=model),
-                                     **check.judge(value, ref, start),
-                                     "interval": seed_interval([x for x in per_seed if x is not None])})
+                        row = {"target": check.label.format(recipe=recipe, config=config, model=model),
+                               **check.judge(value, ref, start),
+                               "interval": seed_interval([x for x in per_seed if x is not None])}
+                        gap = teacher_gap(runs, check)
+                        if gap is not None and row["met"] is not None:
+                            row.update(value=f"{row['value']}; not measurable: {gap}", met=None, gap="")
+                        rows.append(row)
     return rows
+
+
+def teacher_gap(runs: list[dict], check: Check) -> str | None:
+    """For a way_to check from base: why the way cannot be measured, when the reference model is not
+    distinguishable from base on the metric's condition in any seed (its paired difference to base, with
+    the interval over prompts, from the first seed); None when it is, or when the runs record no pairing."""
+    if check.compare != "way_to" or check.start != "base":
+        return None
+    paired = metric_values(runs, check.reference, "conditions", check.metric.split(".")[0], "vs_base")
+    if not paired or any(p is None or p.get("distinguishable", True) for p in paired):
+        return None
+    lo, hi = paired[0]["ci95"]
+    return (f"{check.reference} not distinguishable from base (difference {paired[0]['diff']:.3g} "
+            f"[{lo:.3g}, {hi:.3g}], n={paired[0]['n']})")
 
 
 def seed_interval(values: list[float]) -> str:
