@@ -214,6 +214,8 @@ CASES = [
     # --- run directories ---
     ("rundir-of-another-recipe", "written by another recipe (differs in: dpo)",
      lambda c: (c.run_dir(), ["run", c.recipe(dpo__beta=0.5), "--out", str(c.dir / "run")])[1]),
+    ("probe-rundir-of-another-recipe", "written by another recipe (differs in: behaviour)",
+     lambda c: (c.run_dir(), ["probe", c.recipe(behaviour__treatment="Answer briefly."), "--out", str(c.dir / "run")])[1]),
     ("rundir-is-a-file", "exists and is not a directory", lambda c: (c.dir.joinpath("f").write_text("x"),
                                                                      ["run", c.recipe(), "--out", str(c.dir / "f")])[1]),
     ("rundir-parent-is-a-file", "output directory is not writable (Not a directory)",

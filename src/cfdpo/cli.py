@@ -99,6 +99,21 @@ def generate(run_dir: Path = RunDirArg, recipe: Optional[str] = RecipeOpt, trust
 
 
 @app.command()
+def probe(recipe: str = RecipeArg, out: Path = OutOpt, trust_remote_code: bool = TrustOpt):
+    """Before training: answer the training prompts as the recipe asks and show whether its instructions move
+    the behaviour score (each condition, the teacher against the answers as asked, and each variant's
+    chosen-minus-rejected signal, with 95 % intervals over prompts) into probe.json; `cfdpo run` with the
+    same --out reuses the answers."""
+    from cfdpo.pipeline import probe_run
+    from cfdpo.probe import probe_lines
+
+    result = probe_run(_open_with(out, recipe, trust_remote_code))
+    stdout = Console(highlight=False, soft_wrap=True)  # the probe is the command's output; progress goes to stderr
+    for line in probe_lines(result, result["unit"]):
+        stdout.print(line)
+
+
+@app.command()
 def pairs(run_dir: Path = RunDirArg, recipe: Optional[str] = RecipeOpt):
     """Build ENC / DIS / Contrastive / Negation pairs into pairs/<variant>/."""
     from cfdpo.pairs import weak_signal

@@ -254,6 +254,28 @@ def build_pairs(run: Run) -> dict[str, dict]:
     return dist.on_main(lambda: _build_pairs(run))
 
 
+def probe_run(run: Run) -> dict:
+    """Generate the training answers (the generate stage, cached) and probe them (`cfdpo.probe`) into
+    probe.json; returns the probe with the scorer's unit under "unit"."""
+    from cfdpo.generate import answers_path
+    from cfdpo.probe import probe
+    from cfdpo.runio import JsonlLog, write_json
+    from cfdpo.scorers import make_scorer
+
+    generate(run)
+    r = run.recipe
+    train, _ = run.split()
+    wanted = {p["id"] for p in train}
+    rows = [row for row in JsonlLog(answers_path(run.dir)).rows if row["prompt_id"] in wanted]
+    scorer = make_scorer(r.behaviour.scorer.name, r.behaviour.scorer.params)
+    result = probe(rows, scorer.score_many([row["answer"] for row in rows]), r.behaviour.scorer.desired,
+                   r.variants, r.generation.seed)
+    result["unit"] = scorer.unit
+    if dist.is_main():
+        write_json(run.dir / "probe.json", result)
+    return result
+
+
 def _build_pairs(run: Run) -> dict[str, dict]:
     from cfdpo.generate import answers_path
     from cfdpo.runio import JsonlLog
