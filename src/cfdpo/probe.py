@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from cfdpo.stats import paired, per_prompt_means, summary
 from cfdpo.variants import CONDITIONS, TABLE
 
+
 def _verdict(ci95: Sequence[float] | None) -> str:
     if ci95 is None:
         return "within noise"
