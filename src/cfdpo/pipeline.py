@@ -257,16 +257,14 @@ def build_pairs(run: Run) -> dict[str, dict]:
 def probe_run(run: Run) -> dict:
     """Generate the training answers (the generate stage, cached) and probe them (`cfdpo.probe`) into
     probe.json; returns the probe with the scorer's unit under "unit"."""
-    from cfdpo.generate import answers_path
     from cfdpo.probe import probe
-    from cfdpo.runio import JsonlLog, write_json
+    from cfdpo.runio import write_json
     from cfdpo.scorers import make_scorer
 
     generate(run)
     r = run.recipe
     train, _ = run.split()
-    wanted = {p["id"] for p in train}
-    rows = [row for row in JsonlLog(answers_path(run.dir)).rows if row["prompt_id"] in wanted]
+    rows = _answer_rows(run, train)
     scorer = make_scorer(r.behaviour.scorer.name, r.behaviour.scorer.params)
     result = probe(rows, scorer.score_many([row["answer"] for row in rows]), r.behaviour.scorer.desired,
                    r.variants, r.generation.seed)
@@ -276,18 +274,24 @@ def probe_run(run: Run) -> dict:
     return result
 
 
-def _build_pairs(run: Run) -> dict[str, dict]:
+def _answer_rows(run: Run, prompts: list[dict]) -> list[dict]:
+    """The rows of the run's answers.jsonl that answer `prompts`."""
     from cfdpo.generate import answers_path
     from cfdpo.runio import JsonlLog
-    from cfdpo.scorers import make_scorer
 
-    r = run.recipe
     ap = answers_path(run.dir)
     if not ap.is_file():
         raise CfdpoError(f"{ap}: not found; run `cfdpo generate` first")
+    wanted = {p["id"] for p in prompts}
+    return [row for row in JsonlLog(ap).rows if row["prompt_id"] in wanted]
+
+
+def _build_pairs(run: Run) -> dict[str, dict]:
+    from cfdpo.scorers import make_scorer
+
+    r = run.recipe
     train, _ = run.split()
-    wanted = {p["id"] for p in train + run.retain_prompts()}
-    rows = [row for row in JsonlLog(ap).rows if row["prompt_id"] in wanted]
+    rows = _answer_rows(run, train + run.retain_prompts())
     scorer = make_scorer(r.behaviour.scorer.name, r.behaviour.scorer.params)
     self_scores = answer_self_scores(run, rows) if r.pairs.score == "self" else None
     out = {v: write_variant_pairs(rows, v, r, scorer, run.dir / "pairs" / v, self_scores) for v in r.variants}
